@@ -1,0 +1,1 @@
+"""keras_sam: Sharpness-Aware Minimization for Keras 3."""
