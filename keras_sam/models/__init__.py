@@ -1,0 +1,8 @@
+"""Train-step wrappers: a shared skeleton and one file per method."""
+
+from keras_sam.models.asam import ASAM
+from keras_sam.models.base import SharpnessAwareTrainer
+from keras_sam.models.ksam import KSAM
+from keras_sam.models.sam import SAM
+
+__all__ = ["ASAM", "KSAM", "SAM", "SharpnessAwareTrainer"]

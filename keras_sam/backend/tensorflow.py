@@ -1,0 +1,156 @@
+"""TensorFlow implementations of the backend-specific gradient functions.
+
+Two kinds of pass exist:
+
+* the **clean pass** runs the model statefully at the current weights in training
+  mode (it updates BatchNorm statistics, the dropout RNG and per-output loss
+  metrics, exactly once per step, as a plain Keras step does);
+* a **stateless pass** evaluates the model with given variable values through
+  `stateless_call` / `stateless_compute_loss`; nothing it computes is written
+  back, so a perturbed pass can never touch moving statistics or metrics, and no
+  weight ever has to be restored.
+
+Losses are multiplied by the optimizer's loss scale (mixed precision) before
+differentiation, as Keras' own `train_step` does; gradients are returned scaled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+from keras import ops, tree
+
+Tensor = Any
+
+
+def snapshot(variables: Sequence[Any]) -> list[Tensor]:
+    """The current values of ``variables``, read now (before later assignments)."""
+    return [tf.identity(v.value) for v in variables]
+
+
+def num_replicas() -> int:
+    """Replicas in sync under the current `tf.distribute` strategy (1 without one)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def all_reduce_sum(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Sums per-replica tensors across replicas (identity on one replica)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return list(tensors)
+    present = [t for t in tensors if t is not None]
+    reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
+    return [None if t is None else next(reduced) for t in tensors]
+
+
+def loss_scale(optimizer: Any) -> Tensor:
+    """The factor `optimizer.scale_loss` multiplies a loss by (1 without scaling)."""
+    return ops.cast(optimizer.scale_loss(tf.constant(1.0)), "float32")
+
+
+def forward_and_gradients(
+    trainer: Any, x: Any, y: Any, sample_weight: Any, wrt: Sequence[Any]
+) -> tuple[Tensor, Any, list[Tensor | None]]:
+    """Clean pass: loss, predictions and gradients of the scaled loss w.r.t. ``wrt``.
+
+    Only the backward ops that lead to ``wrt`` are built, so asking for the
+    gradients of a few top layers stops backpropagation at the lowest of them.
+    """
+    with tf.GradientTape() as tape:
+        y_pred, loss = _clean_forward(trainer, x, y, sample_weight)
+        scaled = trainer.optimizer.scale_loss(loss)
+    grads = tape.gradient(scaled, list(wrt)) if wrt else []
+    return loss, y_pred, [_dense(g) for g in grads]
+
+
+def forward_and_sample_scores(
+    trainer: Any, x: Any, y: Any, sample_weight: Any
+) -> tuple[Tensor, Any, Tensor]:
+    """Clean pass without weight gradients: loss, predictions, per-sample scores.
+
+    The score of sample i is ∂loss/∂s_i at s = 1, where every sample weight is
+    multiplied by s_i. For any loss with a per-sample reduction this is sample
+    i's (weighted) loss up to a positive batch-wide factor, so ranking by it ranks
+    by the training loss actually optimized, for any compiled loss, loss weights
+    and multiple outputs. Only the loss reduction is differentiated: the model's
+    backward pass is not built.
+    """
+    batch_size = tf.shape(tree.flatten(x)[0])[0]
+    unit = tf.ones([batch_size], dtype="float32")
+    with tf.GradientTape() as tape:
+        tape.watch(unit)
+        weighted = _multiply_sample_weight(sample_weight, unit)
+        y_pred, loss = _clean_forward(trainer, x, y, weighted)
+    scores = tape.gradient(loss, unit, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return loss, y_pred, scores
+
+
+def stateless_gradients(
+    trainer: Any,
+    trainable_values: Sequence[Tensor],
+    non_trainable_values: Sequence[Tensor],
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+) -> tuple[Tensor, list[Tensor | None]]:
+    """Loss and gradients w.r.t. all trainable variables, evaluated at the given values.
+
+    Nothing is written to the model: BatchNorm statistics, RNG state and metrics
+    are left exactly as they are.
+    """
+    trainable_values = list(trainable_values)
+    metrics_values = [v.value for v in trainer.metrics_variables]
+    with tf.GradientTape() as tape:
+        tape.watch(trainable_values)
+        y_pred, _, losses = trainer.stateless_call(
+            trainable_values,
+            list(non_trainable_values),
+            x,
+            training=True,
+            return_losses=True,
+        )
+        trainer._losses_override = list(losses)
+        try:
+            loss, _ = trainer.stateless_compute_loss(
+                trainable_values,
+                list(non_trainable_values),
+                metrics_values,
+                x=x,
+                y=y,
+                y_pred=y_pred,
+                sample_weight=sample_weight,
+                training=True,
+            )
+        finally:
+            trainer._losses_override = []
+        scaled = trainer.optimizer.scale_loss(loss)
+    return loss, tape.gradient(scaled, trainable_values)
+
+
+def _clean_forward(trainer: Any, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor]:
+    y_pred = trainer(x, training=True)
+    loss = trainer.compute_loss(
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+    )
+    return y_pred, loss
+
+
+def _multiply_sample_weight(sample_weight: Any, unit: Tensor) -> Any:
+    """Sample weights times a per-sample factor, broadcast over trailing axes."""
+
+    def times_unit(weight: Any) -> Tensor:
+        weight = tf.cast(weight, "float32")
+        factor = tf.reshape(unit, [-1] + [1] * (weight.shape.rank - 1))
+        return weight * factor
+
+    if sample_weight is None:
+        return unit
+    return tree.map_structure(times_unit, sample_weight)
+
+
+def _dense(gradient: Any) -> Any:
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.convert_to_tensor(gradient)
+    return gradient

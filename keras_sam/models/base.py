@@ -1,0 +1,188 @@
+"""The train-step skeleton every two-pass method shares.
+
+One step of every wrapper is::
+
+    clean pass at w          -> reported loss/metrics, BatchNorm update (once)
+    ascent gradient g        -> hook `ascent` (which samples, which variables)
+    perturbation ε(g, w)     -> hook `perturbation` (SAM, ASAM, layer-wise, ...)
+    gradient at w + ε        -> a stateless pass: nothing is written to the model
+    optimizer.apply(g_SAM)   -> the wrapped optimizer steps from the clean w
+
+The perturbed pass never assigns to a variable: it evaluates the model with the
+perturbed values through `stateless_call`, feeding it the non-trainable state
+read *before* the clean pass. So BatchNorm moving statistics are updated once,
+by the clean pass, at the clean weights; dropout draws the same masks in both
+passes; metrics are counted once; and there is nothing to restore: the weights
+after the step are exactly what the optimizer writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import keras
+from keras import ops
+
+from keras_sam import backend, rho as rho_lib
+from keras_sam.ops import add_perturbation, all_finite, dual_vector
+
+PERTURBATION_SCOPES = ("replica", "global")
+
+
+class Ascent(NamedTuple):
+    """What the clean part of a step hands to the perturbation.
+
+    Attributes:
+        loss: the clean loss (as `compute_loss` returns it), reported by `fit`.
+        y_pred: the clean predictions, fed to the compiled metrics.
+        grads: ascent gradients aligned with `trainable_variables` (scaled by the
+            optimizer's loss scale; ``None`` where a variable has none).
+        batch: ``(x, y, sample_weight)`` the perturbed gradient is taken on.
+    """
+
+    loss: Any
+    y_pred: Any
+    grads: list
+    batch: tuple
+
+
+class SharpnessAwareTrainer(keras.Model):
+    """Base class of the train-step wrappers (SAM and its variants).
+
+    Wraps any `keras.Model`; `call`, `evaluate`, `predict` and saving behave as
+    for the wrapped model. Subclasses override `ascent` (which samples and
+    variables give the ascent gradient) and/or `perturbation` (how ε is built).
+
+    Args:
+        model: the `keras.Model` to train.
+        rho: perturbation radius ρ >= 0, or a schedule (callable of the step).
+        perturbation_scope: ``"replica"`` (default): under `tf.distribute` each
+            replica perturbs with its own gradient (SAM's m-sharpness with m the
+            per-replica batch). ``"global"``: the ascent gradient is summed over
+            replicas first, so N replicas compute what one device computes on the
+            global batch.
+        **kwargs: passed to `keras.Model` (e.g. ``name``).
+
+    Raises:
+        TypeError: if ``model`` is not a `keras.Model` or ``rho`` has a wrong type.
+        ValueError: if ``rho`` is negative or not finite, or
+            ``perturbation_scope`` is unknown.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        rho: rho_lib.RhoLike = 0.05,
+        perturbation_scope: str = "replica",
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(model, keras.Model):
+            raise TypeError(
+                f"`model` must be a keras.Model, got {type(model).__name__}. Wrap layers "
+                "in keras.Sequential or a functional model first."
+            )
+        if perturbation_scope not in PERTURBATION_SCOPES:
+            raise ValueError(
+                f"`perturbation_scope` must be one of {PERTURBATION_SCOPES}, "
+                f"got {perturbation_scope!r}."
+            )
+        rho = rho_lib.validate_rho(rho)
+        super().__init__(**kwargs)
+        self.model = model
+        self.rho = rho
+        self.perturbation_scope = perturbation_scope
+
+    # ------------------------------------------------------------------ model API
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        return self.model(inputs, training=training)
+
+    def build(self, input_shape: Any = None) -> None:
+        if not self.model.built and input_shape is not None:
+            self.model.build(input_shape)
+        self.built = True
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, data: Any) -> dict:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        state_before = backend.snapshot(self.non_trainable_variables)
+        ascent = self.ascent(x, y, sample_weight, state_before)
+        self._track_loss(ascent.loss, x)
+        grads = ascent.grads
+        if self.perturbation_scope == "global":
+            grads = backend.all_reduce_sum(grads)
+        perturbation = self.perturbation(grads, self.trainable_variables)
+        perturbed = add_perturbation(
+            [v.value for v in self.trainable_variables], perturbation
+        )
+        _, sam_grads = backend.stateless_gradients(self, perturbed, state_before, *ascent.batch)
+        self._apply(sam_grads)
+        self.after_step(sam_grads)
+        return self.compute_metrics(x, y, ascent.y_pred, sample_weight=sample_weight)
+
+    # ------------------------------------------------------------------ hooks
+    def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
+        """Clean pass on the whole batch; its gradient is the ascent direction."""
+        loss, y_pred, grads = backend.forward_and_gradients(
+            self, x, y, sample_weight, self.trainable_variables
+        )
+        return Ascent(loss, y_pred, grads, (x, y, sample_weight))
+
+    def perturbation(self, grads: list, variables: list) -> list:
+        """ε = ρ g/‖g‖ (SAM). Override for other geometries."""
+        return dual_vector(grads, self.current_rho())
+
+    def after_step(self, sam_grads: list) -> None:
+        """Called after the optimizer step with the gradients it received."""
+
+    # ------------------------------------------------------------------ helpers
+    def current_rho(self) -> Any:
+        """ρ at the optimizer's current step (a float32 scalar)."""
+        return rho_lib.rho_at(self.rho, self.optimizer.iterations)
+
+    def _track_loss(self, loss: Any, x: Any) -> None:
+        # Compiled losses are divided by the number of replicas (Keras' own
+        # convention); the tracker reports the per-sample mean loss.
+        batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
+        self._loss_tracker.update_state(
+            loss * backend.num_replicas(), sample_weight=batch_size
+        )
+
+    def _apply(self, grads: list) -> None:
+        """optimizer.apply, skipping a step whose gradients are not finite.
+
+        `LossScaleOptimizer` already skips such steps (and lowers its scale);
+        for any other optimizer the step is skipped here, so a NaN or inf in a
+        batch never reaches the weights or the optimizer state.
+        """
+        variables = self.trainable_variables
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            self.optimizer.apply(grads, variables)
+            return
+        if not self.optimizer.built:
+            self.optimizer.build(variables)
+        ops.cond(
+            all_finite(grads),
+            lambda: self.optimizer.apply(grads, variables),
+            lambda: None,
+        )
+
+    # ------------------------------------------------------------------ config
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "model": keras.saving.serialize_keras_object(self.model),
+                "rho": rho_lib.serialize_rho(self.rho),
+                "perturbation_scope": self.perturbation_scope,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects: Any = None) -> SharpnessAwareTrainer:
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(
+            config["model"], custom_objects=custom_objects
+        )
+        config["rho"] = rho_lib.deserialize_rho(config["rho"])
+        return cls(**config)
