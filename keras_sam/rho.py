@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import keras
 from keras import ops
 
-RhoLike = Union[float, Callable[[Any], Any]]
+RhoLike = float | Callable[[Any], Any]
 
 
 def validate_rho(rho: RhoLike, name: str = "rho") -> RhoLike:

@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 import keras
 from keras import ops
 
-from keras_sam import backend, rho as rho_lib
+from keras_sam import backend
+from keras_sam import rho as rho_lib
 from keras_sam.ops import add_perturbation, all_finite, dual_vector
 
 PERTURBATION_SCOPES = ("replica", "global")

@@ -110,5 +110,7 @@ def _validate_k(k: Any) -> float | int:
             raise ValueError(f"`k` as an int is a sample count and must be >= 1, got {k}.")
         return int(k)
     if not math.isfinite(k) or not 0.0 < k <= 1.0:
-        raise ValueError(f"`k` as a float is a fraction of the batch and must be in (0, 1], got {k}.")
+        raise ValueError(
+            f"`k` as a float is a fraction of the batch and must be in (0, 1], got {k}."
+        )
     return float(k)
