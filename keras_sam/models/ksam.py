@@ -79,6 +79,7 @@ class KSAM(SharpnessAwareTrainer):
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
         loss, y_pred, scores = backend.forward_and_sample_scores(self, x, y, sample_weight)
         _, chosen = ops.top_k(scores, self.num_chosen(ops.shape(scores)[0]))
+        chosen = ops.sort(chosen)  # batch order: with k = |B| the batch is unchanged
         batch = tree.map_structure(
             lambda t: None if t is None else ops.take(t, chosen, axis=0), (x, y, sample_weight)
         )

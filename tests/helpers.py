@@ -1,0 +1,58 @@
+"""Small Keras models and utilities shared by the tests."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+
+def keras_mlp(params, n_in: int = 3) -> keras.Model:
+    """The Keras twin of `numpy_reference`: Dense(tanh) -> Dense, float64-free."""
+    inputs = keras.Input((n_in,))
+    hidden = keras.layers.Dense(params[0].shape[1], activation="tanh")(inputs)
+    outputs = keras.layers.Dense(params[2].shape[1])(hidden)
+    model = keras.Model(inputs, outputs)
+    model.set_weights([p.astype("float32") for p in params])
+    return model
+
+
+def bn_dropout_model(seed: int = 1, n_in: int = 8, n_classes: int = 3) -> keras.Model:
+    """A classifier with BatchNormalization and Dropout (logits output)."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((n_in,))
+    h = keras.layers.Dense(16, name="dense_in")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.Dropout(0.25, seed=seed)(h)
+    outputs = keras.layers.Dense(n_classes, name="dense_out")(h)
+    return keras.Model(inputs, outputs)
+
+
+def plain_model(seed: int = 1, n_in: int = 8, n_classes: int = 3) -> keras.Model:
+    """A classifier without BatchNormalization or Dropout."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((n_in,))
+    h = keras.layers.Dense(16, activation="tanh")(inputs)
+    outputs = keras.layers.Dense(n_classes)(h)
+    return keras.Model(inputs, outputs)
+
+
+def classification_data(n: int = 48, n_in: int = 8, n_classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, n_in)).astype("float32")
+    y = rng.integers(0, n_classes, size=(n,)).astype("int32")
+    return x, y
+
+
+def logits_loss() -> keras.losses.Loss:
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def assert_weights_close(a, b, atol=1e-6, rtol=0.0):
+    assert len(a) == len(b)
+    for wa, wb in zip(a, b):
+        np.testing.assert_allclose(np.asarray(wa), np.asarray(wb), atol=atol, rtol=rtol)
+
+
+def max_abs_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))

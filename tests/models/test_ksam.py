@@ -1,0 +1,121 @@
+"""K-SAM: selection of the top-k samples, reduction to SAM and to the base optimizer."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sam
+from tests import numpy_reference as ref
+from tests.helpers import (
+    assert_weights_close,
+    bn_dropout_model,
+    classification_data,
+    keras_mlp,
+    logits_loss,
+)
+
+# One input feature, a bias-free unit kernel and y = 0: sample i's loss is (w·x_i)²,
+# so the ranking is known by hand.
+X1 = np.array([[0.1], [3.0], [-2.0], [0.5], [5.0], [-0.2], [1.5], [-4.0]], "float32")
+Y1 = np.zeros((8, 1), "float32")
+
+
+def _scalar_model(w=1.0):
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+    model.set_weights([np.array([[w]], "float32")])
+    return model
+
+
+def _expected_rho0_step(chosen, w=1.0, lr=0.01):
+    x = X1[list(chosen), 0].astype(float)
+    grad = np.mean(2.0 * w * x**2)  # d/dw mean (w x)^2 over the chosen samples
+    return w - lr * grad
+
+
+@pytest.mark.parametrize(
+    ("k", "chosen"),
+    [(2, {4, 7}), (3, {1, 4, 7}), (0.5, {1, 2, 4, 7}), (1, {4}), (100, set(range(8)))],
+)
+def test_rho0_steps_on_exactly_the_top_k_samples(k, chosen):
+    trainer = keras_sam.KSAM(_scalar_model(), rho=0.0, k=k)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    trainer.fit(X1, Y1, batch_size=8, epochs=1, verbose=0)
+    np.testing.assert_allclose(
+        trainer.model.get_weights()[0][0, 0], _expected_rho0_step(chosen), atol=1e-6
+    )
+
+
+def test_ranking_uses_sample_weights():
+    """A zero sample weight removes the largest raw loss from the top-k."""
+    weights = np.ones(8, "float32")
+    weights[4] = 0.0
+    trainer = keras_sam.KSAM(_scalar_model(), rho=0.0, k=2)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    trainer.fit(X1, Y1, sample_weight=weights, batch_size=8, epochs=1, verbose=0)
+    # top-2 by weighted loss: samples 7 (16) and 1 (9); the step is their mean gradient.
+    np.testing.assert_allclose(
+        trainer.model.get_weights()[0][0, 0], _expected_rho0_step({7, 1}), atol=1e-6
+    )
+
+
+def test_ksam_matches_numpy_sam_on_the_top_k():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(8, 3)).astype("float32")
+    y = rng.normal(size=(8, 2)).astype("float32")
+    params = ref.init_params(seed=7)
+    _, _, per_sample = ref.loss_and_grads(params, x, y)
+    top = np.sort(np.argsort(-per_sample)[:3])
+    expected = ref.sam_sgd_step(
+        params, x[top], y[top], 0.1, lambda p, g: ref.sam_epsilon(g, 0.2)
+    )
+    trainer = keras_sam.KSAM(keras_mlp(params), rho=0.2, k=3)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    trainer.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert_weights_close(trainer.model.get_weights(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_whole_batch_equals_sam(jit_compile):
+    """k = |B| is SAM, with BatchNorm and Dropout, including a smaller last batch."""
+    x, y = classification_data(n=40)
+    results = []
+    for trainer in (
+        keras_sam.KSAM(bn_dropout_model(), rho=0.1, k=1.0),
+        keras_sam.SAM(bn_dropout_model(), rho=0.1),
+    ):
+        keras.utils.set_random_seed(5)
+        trainer.compile(
+            optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=logits_loss(),
+            jit_compile=jit_compile,
+        )
+        trainer.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results.append(trainer.model.get_weights())
+    assert_weights_close(*results, atol=1e-6)
+
+
+@pytest.mark.parametrize(("k", "batch", "expected"), [
+    (0.25, 32, 8), (0.25, 6, 2), (0.25, 1, 1), (0.1, 4, 1), (1.0, 7, 7), (5, 3, 3), (5, 9, 5),
+])
+def test_number_of_chosen_samples(k, batch, expected):
+    trainer = keras_sam.KSAM(_scalar_model(), k=k)
+    assert int(trainer.num_chosen(batch)) == expected
+
+
+def test_fraction_rounds_per_actual_batch():
+    """A last batch of 4 with k = 0.5 trains on 2 samples, not on round(0.5 * 8)."""
+    x = X1[:4]
+    trainer = keras_sam.KSAM(_scalar_model(), rho=0.0, k=0.5)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=True)
+    trainer.fit(x, Y1[:4], batch_size=8, epochs=1, verbose=0)
+    np.testing.assert_allclose(
+        trainer.model.get_weights()[0][0, 0], _expected_rho0_step({1, 2}), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(("k", "error"), [
+    (0.0, ValueError), (1.5, ValueError), (-0.1, ValueError), (0, ValueError),
+    (-3, ValueError), (float("nan"), ValueError), ("10%", TypeError), (True, TypeError),
+])
+def test_bad_k(k, error):
+    with pytest.raises(error, match="`k`"):
+        keras_sam.KSAM(_scalar_model(), k=k)
