@@ -1,11 +1,22 @@
 """keras_sam: Sharpness-Aware Minimization for Keras 3.
 
-Train-step wrappers (`model.fit` works unchanged): `SAM`, `ASAM`, `KSAM`.
-Optimizers (one gradient per step): `keras_sam.optimizers.MSAM`, `AdamWMSAM`.
+Train-step wrappers (`model.fit` works unchanged): `SAM`, `ASAM`, `KSAM`,
+`LayerwiseSAM`. Optimizers with one gradient per step (Momentum-SAM):
+`keras_sam.optimizers.MSAM` and `keras_sam.optimizers.AdamWMSAM`, with
+`keras_sam.callbacks.MSAMCallback` for evaluation and checkpoints during `fit`.
 """
 
+from keras_sam import callbacks, optimizers
 from keras_sam.models import ASAM, KSAM, SAM, SharpnessAwareTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["ASAM", "KSAM", "SAM", "SharpnessAwareTrainer", "__version__"]
+__all__ = [
+    "ASAM",
+    "KSAM",
+    "SAM",
+    "SharpnessAwareTrainer",
+    "__version__",
+    "callbacks",
+    "optimizers",
+]

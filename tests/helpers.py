@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 
@@ -16,14 +18,16 @@ def keras_mlp(params, n_in: int = 3) -> keras.Model:
     return model
 
 
-def bn_dropout_model(seed: int = 1, n_in: int = 8, n_classes: int = 3) -> keras.Model:
+def bn_dropout_model(
+    seed: int = 1, n_in: int = 8, n_classes: int = 3, dropout: float = 0.25
+) -> keras.Model:
     """A classifier with BatchNormalization and Dropout (logits output)."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((n_in,))
     h = keras.layers.Dense(16, name="dense_in")(inputs)
     h = keras.layers.BatchNormalization(name="bn")(h)
     h = keras.layers.ReLU()(h)
-    h = keras.layers.Dropout(0.25, seed=seed)(h)
+    h = keras.layers.Dropout(dropout, seed=seed)(h)
     outputs = keras.layers.Dense(n_classes, name="dense_out")(h)
     return keras.Model(inputs, outputs)
 
@@ -56,3 +60,15 @@ def assert_weights_close(a, b, atol=1e-6, rtol=0.0):
 
 def max_abs_diff(a, b) -> float:
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+
+
+@functools.cache
+def mirrored_strategy():
+    """The process-wide MirroredStrategy over the two logical CPUs of conftest.py.
+
+    Always use this one: a second MirroredStrategy in the same process restarts
+    TF's collective instance keys, which then clash with shapes cached for the first.
+    """
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

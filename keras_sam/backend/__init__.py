@@ -11,8 +11,10 @@ _BACKEND = keras.backend.backend()
 if _BACKEND == "tensorflow":
     from keras_sam.backend.tensorflow import (
         all_reduce_sum,
+        apply_if_finite,
         forward_and_gradients,
         forward_and_sample_scores,
+        forward_and_switched_gradients,
         loss_scale,
         num_replicas,
         snapshot,
@@ -26,8 +28,10 @@ else:
 
 __all__ = [
     "all_reduce_sum",
+    "apply_if_finite",
     "forward_and_gradients",
     "forward_and_sample_scores",
+    "forward_and_switched_gradients",
     "loss_scale",
     "num_replicas",
     "snapshot",

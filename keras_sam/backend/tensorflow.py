@@ -45,6 +45,35 @@ def all_reduce_sum(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
     return [None if t is None else next(reduced) for t in tensors]
 
 
+def apply_if_finite(optimizer: Any, grads: list, variables: list, finite: Tensor) -> None:
+    """``optimizer.apply(grads, variables)`` only where ``finite`` holds on every replica.
+
+    Under a strategy that needs `merge_call` (Mirrored, MultiWorkerMirrored) a
+    conditional around `apply` must run in cross-replica context, as Keras'
+    `LossScaleOptimizer` does; the replicas first agree on the flag, so they skip
+    or step together and stay identical.
+    """
+    context = tf.distribute.get_replica_context()
+    if (
+        context is None
+        or context.num_replicas_in_sync == 1
+        or tf.__internal__.distribute.strategy_supports_no_merge_call()
+    ):
+        ops.cond(finite, lambda: optimizer.apply(grads, variables), lambda: None)
+        return
+    failures = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, "float32"))
+
+    def cross_replica(distribution: Any, grads: list, failures: Any) -> None:
+        flag = distribution.experimental_local_results(failures)[0] < 0.5
+
+        def step() -> None:
+            distribution.extended.call_for_each_replica(optimizer.apply, args=(grads, variables))
+
+        ops.cond(flag, step, lambda: None)
+
+    context.merge_call(cross_replica, args=(grads, failures))
+
+
 def loss_scale(optimizer: Any) -> Tensor:
     """The factor `optimizer.scale_loss` multiplies a loss by (1 without scaling)."""
     return ops.cast(optimizer.scale_loss(tf.constant(1.0)), "float32")
@@ -63,6 +92,50 @@ def forward_and_gradients(
         scaled = trainer.optimizer.scale_loss(loss)
     grads = tape.gradient(scaled, list(wrt)) if wrt else []
     return loss, y_pred, [_dense(g) for g in grads]
+
+
+def forward_and_switched_gradients(
+    trainer: Any,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    wrt: Sequence[Any],
+    branches: Sequence[Sequence[int]],
+    index: Tensor,
+) -> tuple[Tensor, Any, list[Tensor]]:
+    """Clean pass, then gradients w.r.t. one of several subsets of ``wrt``, picked at run time.
+
+    ``branches[i]`` lists positions in ``wrt``; ``index`` (an int32 scalar tensor)
+    chooses the branch. Each branch asks the tape only for its own variables, so
+    its backward stops at the lowest of them, and only the chosen branch runs
+    (`tf.switch_case`, also under XLA). ``index`` is data: changing it never
+    retraces. Gradients are aligned with ``wrt``: zeros outside the chosen branch
+    and for variables the loss does not depend on (scaled like
+    `forward_and_gradients`).
+    """
+    wrt = list(wrt)
+    with tf.GradientTape(persistent=len(branches) > 1) as tape:
+        y_pred, loss = _clean_forward(trainer, x, y, sample_weight)
+        scaled = trainer.optimizer.scale_loss(loss)
+
+    def make_branch(positions: Sequence[int]) -> Any:
+        def branch() -> list[Tensor]:
+            sources = [wrt[i] for i in positions]
+            computed = tape.gradient(
+                scaled, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
+            grads = [tf.zeros(v.shape, v.dtype) for v in wrt]
+            for i, g in zip(positions, computed):
+                grads[i] = _dense(g)
+            return grads
+
+        return branch
+
+    if len(branches) == 1:
+        grads = make_branch(branches[0])()
+    else:
+        grads = tf.switch_case(index, [make_branch(b) for b in branches])
+    return loss, y_pred, list(grads)
 
 
 def forward_and_sample_scores(

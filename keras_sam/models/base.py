@@ -161,11 +161,7 @@ class SharpnessAwareTrainer(keras.Model):
             return
         if not self.optimizer.built:
             self.optimizer.build(variables)
-        ops.cond(
-            all_finite(grads),
-            lambda: self.optimizer.apply(grads, variables),
-            lambda: None,
-        )
+        backend.apply_if_finite(self.optimizer, grads, variables, all_finite(grads))
 
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict:

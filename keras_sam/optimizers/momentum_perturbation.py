@@ -1,0 +1,410 @@
+"""Shared machinery of the Momentum-SAM optimizers (Becker, Altrock, Risse, arXiv 2401.12033).
+
+Both flavours (:class:`~keras_sam.optimizers.MSAM` and :class:`~keras_sam.optimizers.AdamWMSAM`)
+keep the model variables at the *perturbed* point between steps::
+
+    w~ = w - s * d,        s = rho_t / ||d||   (0 when ||d|| = 0)
+
+where ``d`` is the flavour's direction slot (SGD momentum, resp. Adam's raw first moment) and
+``||d||`` is one global L2 norm over every trained variable. One step does:
+
+1. (inside ``update_step``, fused with the base update) remove the stored perturbation,
+   ``w = w~ + s_old * d_old``, then apply the base optimizer's update to ``w``;
+2. (in :meth:`MomentumPerturbationOptimizer.apply`, after the base ``apply``) compute
+   ``s_new = rho_t / ||d_new||`` over all variables at once and re-perturb
+   ``w~ = w - s_new * d_new``.
+
+The *applied* scale ``s`` is stored in the ``perturbation_scale`` slot, so the removal takes away
+exactly what was added even when ``rho`` follows a schedule (the authors' SGD code recomputes it
+from the current ``rho`` and leaves residue when ``rho`` changes). A second scalar slot,
+``is_perturbed``, makes :meth:`~MomentumPerturbationOptimizer.remove_perturbation` /
+:meth:`~MomentumPerturbationOptimizer.apply_perturbation` idempotent and keeps saved optimizer
+state consistent with the saved weights.
+
+Slot layout (optimizer variables, in creation order; changing it breaks loading of saved
+optimizer state): ``iteration``, ``learning_rate`` (float learning rates only), the EMA slots
+(``use_ema``), the gradient accumulators (``gradient_accumulation_steps``), the flavour's
+per-variable slots, ``perturbation_scale``, ``is_perturbed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+from keras import ops
+
+from keras_sam.rho import RhoLike, deserialize_rho, rho_at, serialize_rho, validate_rho
+
+_MISSING_CALLBACK_WARNING = (
+    "{name}: the model variables are kept at the perturbed point w - rho*d/||d|| between "
+    "steps. `fit` removes the perturbation when it returns, but validation during `fit`, "
+    "ModelCheckpoint, BackupAndRestore and EarlyStopping(restore_best_weights=True) see the "
+    "perturbed weights unless you pass `callbacks=[keras_sam.callbacks.MSAMCallback(), ...]` "
+    "(first in the list). In a custom training loop, wrap evaluation and saving in "
+    "`with optimizer.unperturbed(): ...`."
+)
+
+
+def check_real(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    allow_none: bool = False,
+) -> float | None:
+    """Validates a real hyperparameter at construction time.
+
+    Args:
+        value: the value to check.
+        name: the argument name used in error messages.
+        low: optional lower bound.
+        high: optional upper bound.
+        low_inclusive: whether ``low`` itself is allowed.
+        high_inclusive: whether ``high`` itself is allowed.
+        allow_none: whether ``None`` is accepted (and returned as is).
+
+    Returns:
+        ``value`` as a Python float (or ``None``).
+
+    Raises:
+        TypeError: if ``value`` is not a real number (bools are rejected).
+        ValueError: if ``value`` is NaN, infinite or outside the bounds.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    bad = not math.isfinite(value)
+    if low is not None:
+        bad = bad or value < low or (value == low and not low_inclusive)
+    if high is not None:
+        bad = bad or value > high or (value == high and not high_inclusive)
+    if bad:
+        left = "(-inf" if low is None else ("[" if low_inclusive else "(") + repr(low)
+        right = "inf)" if high is None else repr(high) + ("]" if high_inclusive else ")")
+        raise ValueError(f"`{name}` must be a finite number in {left}, {right}, got {value!r}.")
+    return value
+
+
+def _first_local(distribution: Any, value: Any) -> Any:
+    """The first replica's value of a (possibly per-replica) tensor inside a merge call."""
+    if value is None:
+        return None
+    return distribution.experimental_local_results(value)[0]
+
+
+class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
+    """Base class of the Momentum-SAM optimizers (not meant to be used directly).
+
+    A subclass creates its slots in :meth:`_build_slots`, says which per-variable slot is the
+    perturbation direction in :meth:`_direction_slots`, and writes ``update_step`` using
+    :meth:`_unperturbed` (the clean weights ``w~ + s*d``) and :meth:`_maybe_decay`
+    (decoupled weight decay on the clean weights). Everything global (the norm over all
+    variables, re-perturbation, ``rho`` schedules, gradient accumulation, tf.distribute)
+    lives here.
+
+    Args:
+        learning_rate: float or schedule, as for any Keras optimizer.
+        rho: perturbation radius ``rho >= 0``: a float or a callable of the (update) step,
+            e.g. a ``keras.optimizers.schedules.LearningRateSchedule``.
+        **kwargs: the base ``keras.optimizers.Optimizer`` arguments.
+
+    Raises:
+        TypeError, ValueError: for an invalid ``rho`` or ``weight_decay``.
+    """
+
+    def __init__(self, learning_rate: Any, rho: RhoLike, **kwargs: Any) -> None:
+        rho = validate_rho(rho, "rho")
+        weight_decay = check_real(
+            kwargs.pop("weight_decay", None), "weight_decay", low=0.0, allow_none=True
+        )
+        super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
+        self.rho = rho
+        self._attached_callbacks = 0
+        self._warned_missing_callback = False
+
+    # ------------------------------------------------------------------ flavour hooks
+    def _build_slots(self, variables: list) -> None:
+        raise NotImplementedError
+
+    def _direction_slots(self) -> list:
+        """Per-variable direction slots, aligned with ``self._trainable_variables``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ build / state
+    def build(self, variables: list) -> None:
+        if self.built:
+            return
+        super().build(variables)
+        self._build_slots(variables)
+        self._perturbation_scale = self.add_variable(
+            shape=(), initializer="zeros", dtype="float32", name="perturbation_scale"
+        )
+        self._is_perturbed = self.add_variable(
+            shape=(), initializer="zeros", dtype="float32", name="is_perturbed"
+        )
+
+    @property
+    def is_perturbed(self) -> bool:
+        """Whether the model variables currently hold the perturbed weights (eager only)."""
+        if not self.built:
+            return False
+        return bool(float(ops.convert_to_numpy(self._is_perturbed)) > 0.5)
+
+    @property
+    def perturbation_scale(self) -> float:
+        """The stored scale ``rho_t / ||d||`` of the last perturbation (eager only)."""
+        if not self.built:
+            return 0.0
+        return float(ops.convert_to_numpy(self._perturbation_scale))
+
+    def _applied_scale(self, dtype: Any) -> Any:
+        """``is_perturbed * perturbation_scale``: what the stored weights currently carry."""
+        return ops.cast(ops.multiply(self._is_perturbed, self._perturbation_scale), dtype)
+
+    def _unperturbed(self, variable: Any, direction: Any) -> Any:
+        """The clean weights ``w~ + s * d`` of ``variable`` (to be used inside update_step)."""
+        return ops.add(variable, ops.multiply(self._applied_scale(variable.dtype), direction))
+
+    def _maybe_decay(self, weights: Any, variable: Any, learning_rate: Any) -> Any:
+        """Decoupled weight decay ``w - lr * wd * w`` applied to the clean weights."""
+        if self.weight_decay is None or not self._use_weight_decay(variable):
+            return weights
+        wd = ops.cast(self.weight_decay, variable.dtype)
+        return ops.subtract(weights, ops.multiply(ops.multiply(weights, wd), learning_rate))
+
+    def _apply_weight_decay(self, variables: list) -> None:
+        # Keras would decay the *stored* (perturbed) weights before update_step; the flavours
+        # decay the clean weights inside update_step instead (see `_maybe_decay`).
+        return
+
+    # ------------------------------------------------------------------ the step
+    def apply(self, grads: Any, trainable_variables: Any = None) -> Any:
+        grads = list(grads)
+        if not grads:
+            return super().apply(grads, trainable_variables)
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+        self._maybe_warn_missing_callback()
+        # rho is a function of the number of real (update) steps taken before this one; the
+        # learning rate schedule sees the same step when gradient accumulation is off.
+        rho_t = rho_at(self.rho, self.iterations)
+        update_mask = None
+        if self.gradient_accumulation_steps:
+            is_update = ops.equal(
+                ops.mod(self._iterations + 1, self.gradient_accumulation_steps), 0
+            )
+            update_mask = ops.cast(is_update, "float32")
+        result = super().apply(grads, trainable_variables)
+        variables = trainable_variables if trainable_variables is not None else None
+        if variables is None:
+            variables = self._trainable_variables
+        with_grad = {self._var_key(v) for g, v in zip(grads, variables) if g is not None}
+        self._reperturb(rho_t, update_mask, with_grad)
+        return result
+
+    def _perturbation_triples(self, with_grad: set) -> list:
+        return [
+            (variable, direction, self._var_key(variable) in with_grad)
+            for variable, direction in zip(self._trainable_variables, self._direction_slots())
+            if direction is not None
+        ]
+
+    def _reperturb(self, rho_t: Any, update_mask: Any, with_grad: set) -> None:
+        triples = self._perturbation_triples(with_grad)
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            def merge_fn(distribution: Any, rho_t: Any, update_mask: Any) -> None:
+                self._reperturb_cross_replica(
+                    triples,
+                    _first_local(distribution, rho_t),
+                    _first_local(distribution, update_mask),
+                    distribution,
+                )
+
+            tf.__internal__.distribute.interim.maybe_merge_call(
+                merge_fn, self._distribution_strategy, rho_t, update_mask
+            )
+        else:
+            self._reperturb_cross_replica(triples, rho_t, update_mask, None)
+
+    def _reperturb_cross_replica(
+        self, triples: list, rho_t: Any, update_mask: Any, distribution: Any
+    ) -> None:
+        norm_sq = ops.zeros((), dtype="float32")
+        for _, direction, _ in triples:
+            norm_sq = ops.add(norm_sq, ops.sum(ops.square(ops.cast(direction, "float32"))))
+        norm = ops.sqrt(norm_sq)
+        positive = ops.greater(norm, 0.0)
+        new_scale = ops.where(
+            positive, ops.divide(rho_t, ops.where(positive, norm, 1.0)), ops.zeros_like(norm)
+        )
+        old_scale = ops.convert_to_tensor(self._perturbation_scale)
+        old_flag = ops.convert_to_tensor(self._is_perturbed)
+        old_applied = ops.multiply(old_flag, old_scale)
+        if update_mask is None:
+            scale_for_grad = new_scale
+            scale_delta = ops.subtract(new_scale, old_applied)
+            stored_scale = new_scale
+            stored_flag = ops.ones_like(old_flag)
+        else:
+            keep = ops.subtract(1.0, update_mask)
+            scale_for_grad = ops.multiply(update_mask, new_scale)
+            scale_delta = ops.multiply(update_mask, ops.subtract(new_scale, old_applied))
+            stored_scale = ops.add(ops.multiply(update_mask, new_scale), keep * old_scale)
+            stored_flag = ops.add(update_mask, ops.multiply(keep, old_flag))
+        shifts = [
+            (variable, direction, scale_for_grad if has_grad else scale_delta)
+            for variable, direction, has_grad in triples
+        ]
+        # Variables with a gradient had the old perturbation removed inside update_step, so
+        # they receive the full new one; the others move from the old to the new scale.
+        self._shift_weights(shifts, sign=-1.0, distribution=distribution)
+        self._assign_scalars(stored_scale, stored_flag, distribution)
+
+    # ------------------------------------------------------------------ variable writes
+    def _shift_weights(self, shifts: list, sign: float, distribution: Any = None) -> None:
+        """``w += sign * c * d`` for every ``(w, d, c)``; per device under tf.distribute."""
+
+        def shift(var: Any, direction: Any, coeff: Any) -> Any:
+            delta = ops.multiply(ops.cast(coeff, "float32"), ops.cast(direction, "float32"))
+            delta = ops.cast(delta, var.dtype)
+            if sign > 0:
+                return var.assign_add(delta)
+            return var.assign_sub(delta)
+
+        if distribution is not None:
+            for variable, direction, coeff in shifts:
+                distribution.extended.update(
+                    _tf_value(variable),
+                    shift,
+                    args=(_tf_value(direction), coeff),
+                    group=False,
+                )
+        else:
+            for variable, direction, coeff in shifts:
+                delta = ops.multiply(ops.cast(coeff, "float32"), ops.cast(direction, "float32"))
+                delta = ops.cast(delta, variable.dtype)
+                if sign > 0:
+                    self.assign_add(variable, delta)
+                else:
+                    self.assign_sub(variable, delta)
+
+    def _assign_scalars(self, scale: Any, flag: Any, distribution: Any = None) -> None:
+        if distribution is not None:
+            for variable, value in ((self._perturbation_scale, scale), (self._is_perturbed, flag)):
+                distribution.extended.update(
+                    _tf_value(variable), lambda v, x: v.assign(x), args=(value,), group=False
+                )
+        else:
+            self.assign(self._perturbation_scale, scale)
+            self.assign(self._is_perturbed, flag)
+
+    # ------------------------------------------------------------------ eager helpers
+    def _eager_distribution(self) -> Any:
+        if keras.backend.backend() == "tensorflow":
+            return self._distribution_strategy
+        return None
+
+    def remove_perturbation(self) -> bool:
+        """Moves the model variables to the clean weights ``w = w~ + s*d`` (eager).
+
+        Idempotent: does nothing when the weights are already clean.
+
+        Returns:
+            ``True`` if the weights were perturbed and have been moved back.
+        """
+        if not self.is_perturbed:
+            return False
+        scale = ops.convert_to_tensor(self._perturbation_scale)
+        shifts = [(v, d, scale) for v, d, _ in self._perturbation_triples(set())]
+        distribution = self._eager_distribution()
+        self._shift_weights(shifts, sign=1.0, distribution=distribution)
+        self._assign_scalars(scale, ops.zeros((), "float32"), distribution)
+        return True
+
+    def apply_perturbation(self) -> bool:
+        """Moves clean weights back to the stored perturbed point ``w~ = w - s*d`` (eager).
+
+        Re-applies exactly the stored scale ``s`` (not the current ``rho``). Idempotent: does
+        nothing when the weights are already perturbed or the optimizer is not built.
+
+        Returns:
+            ``True`` if the weights were clean and have been perturbed.
+        """
+        if not self.built or self.is_perturbed:
+            return False
+        scale = ops.convert_to_tensor(self._perturbation_scale)
+        shifts = [(v, d, scale) for v, d, _ in self._perturbation_triples(set())]
+        distribution = self._eager_distribution()
+        self._shift_weights(shifts, sign=-1.0, distribution=distribution)
+        self._assign_scalars(scale, ops.ones((), "float32"), distribution)
+        return True
+
+    @contextlib.contextmanager
+    def unperturbed(self) -> Iterator[None]:
+        """Context manager: clean weights inside, the previous state restored on exit.
+
+        Example:
+
+        ```python
+        with optimizer.unperturbed():
+            model.save("model.keras")
+            model.evaluate(x_val, y_val)
+        ```
+        """
+        removed = self.remove_perturbation()
+        try:
+            yield
+        finally:
+            if removed:
+                self.apply_perturbation()
+
+    def finalize_variable_values(self, var_list: list) -> None:
+        """Called by ``fit`` at the end: leaves the model at the clean weights."""
+        self.remove_perturbation()
+        super().finalize_variable_values(var_list)
+
+    # ------------------------------------------------------------------ callback bookkeeping
+    def _attach_callback(self) -> None:
+        self._attached_callbacks += 1
+
+    def _detach_callback(self) -> None:
+        self._attached_callbacks = max(0, self._attached_callbacks - 1)
+
+    def _maybe_warn_missing_callback(self) -> None:
+        if self._attached_callbacks or self._warned_missing_callback:
+            return
+        self._warned_missing_callback = True
+        warnings.warn(_MISSING_CALLBACK_WARNING.format(name=type(self).__name__), stacklevel=3)
+
+    # ------------------------------------------------------------------ config
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config["rho"] = serialize_rho(self.rho)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects: Any = None) -> Any:
+        config = dict(config)
+        if "rho" in config:
+            config["rho"] = deserialize_rho(config["rho"])
+        return super().from_config(config, custom_objects=custom_objects)
+
+
+def _tf_value(variable: Any) -> Any:
+    """The backend variable behind a ``keras.Variable`` (a ``tf.Variable`` on TensorFlow)."""
+    if isinstance(variable, keras.Variable):
+        return variable.value
+    return variable

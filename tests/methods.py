@@ -1,0 +1,80 @@
+"""The registry the contract suite runs every method through.
+
+A new method gets the shared checks (ρ = 0 equals the base optimizer, BatchNorm
+updated once, XLA, serialization, distribution, bad input, ...) by being listed
+here. Wrappers are fitted as ``Wrapper(model)``; optimizers as ``model`` compiled
+with them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+import keras_sam
+
+LR = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    #: (model, rho) -> the keras.Model to compile and fit.
+    trainer: Callable[[keras.Model, Any], keras.Model]
+    #: rho -> the optimizer to compile the trainer with.
+    optimizer: Callable[[Any], keras.optimizers.Optimizer]
+    #: the base optimizer the method must equal at rho = 0.
+    base_optimizer: Callable[[], keras.optimizers.Optimizer]
+    #: (model, **kwargs) -> construct with bad keyword arguments (for error tests).
+    construct: Callable[..., Any]
+    is_wrapper: bool = True
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _sgd() -> keras.optimizers.Optimizer:
+    return keras.optimizers.SGD(LR, momentum=0.9)
+
+
+def _wrapper(cls: type, **extra: Any) -> Method:
+    return Method(
+        name=cls.__name__ + "".join(f"-{k}={v}" for k, v in extra.items()),
+        trainer=lambda model, rho: cls(model, rho=rho, **extra),
+        optimizer=lambda rho: _sgd(),
+        base_optimizer=_sgd,
+        construct=lambda model, **kwargs: cls(model, **{**extra, **kwargs}),
+    )
+
+
+WRAPPERS = [
+    _wrapper(keras_sam.SAM),
+    _wrapper(keras_sam.ASAM),
+    # k = 1.0 (the whole batch) so that "rho = 0 equals the base optimizer" holds;
+    # tests/models/test_ksam.py covers k < 1.
+    _wrapper(keras_sam.KSAM, k=1.0),
+]
+
+def _optimizer(cls: type, base: Callable[[], keras.optimizers.Optimizer], **extra: Any) -> Method:
+    return Method(
+        name=cls.__name__,
+        trainer=lambda model, rho: model,
+        optimizer=lambda rho: cls(LR, rho=rho, **extra),
+        base_optimizer=base,
+        construct=lambda model, **kwargs: cls(**{**extra, **kwargs}),
+        is_wrapper=False,
+    )
+
+
+OPTIMIZERS = [
+    _optimizer(keras_sam.optimizers.MSAM, _sgd, momentum=0.9),
+    # weight_decay=None: AdamWMSAM decays after the Adam step (the paper's order),
+    # Keras' AdamW before it; without decay the two must agree exactly.
+    _optimizer(keras_sam.optimizers.AdamWMSAM, lambda: keras.optimizers.Adam(LR),
+               weight_decay=None),
+]
+
+METHODS = WRAPPERS + OPTIMIZERS

@@ -1,0 +1,323 @@
+"""Layer-wise SAM: selection, truncated ascent, reduction to SAM and to the base optimizer."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sam
+from keras_sam.models.layerwise import LayerwiseSAM
+from keras_sam.ops import add_perturbation
+from tests import numpy_reference as ref
+from tests.helpers import (
+    assert_weights_close,
+    bn_dropout_model,
+    classification_data,
+    keras_mlp,
+    logits_loss,
+    plain_model,
+)
+from tests.models import layerwise_reference as lw_ref
+
+RNG = np.random.default_rng(11)
+X = RNG.normal(size=(8, 3)).astype("float32")
+Y = RNG.normal(size=(8, 2)).astype("float32")
+NEVER = 10**9  # reselect_every that keeps the initial selection
+
+
+def _mlp_trainer(params, chosen, radius="joint", rho=0.2, jit_compile=False, **kwargs):
+    trainer = LayerwiseSAM(
+        keras_mlp(params), rho=rho, num_layers=len(chosen), reselect_every=NEVER,
+        radius=radius, **kwargs,
+    )
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=jit_compile)
+    mask = np.zeros(2, "float32")
+    mask[list(chosen)] = 1.0
+    trainer._selection.assign(mask)
+    return trainer
+
+
+# ---------------------------------------------------------------- numpy reference
+@pytest.mark.parametrize(
+    ("chosen", "radius", "jit_compile"),
+    [
+        ((1,), "joint", False),  # output layer: the ascent backward is cut above layer 0
+        ((1,), "joint", True),
+        ((0,), "joint", True),  # input layer: full backward, output layer unperturbed
+        ((0, 1), "per_layer", False),
+    ],
+)
+def test_step_with_fixed_selection_matches_numpy(chosen, radius, jit_compile):
+    params = ref.init_params(seed=4)
+    weights = np.array([1.0, 0.0, 2.0, 0.5, 1.0, 1.0, 3.0, 1.0], "float32")
+    expected, norms = lw_ref.layerwise_sgd_step(
+        params, X, Y, 0.1, 0.2, chosen, radius, sample_weight=weights
+    )
+    trainer = _mlp_trainer(params, chosen, radius, jit_compile=jit_compile)
+    trainer.fit(X, Y, sample_weight=weights, batch_size=8, epochs=1, verbose=0)
+    assert_weights_close(trainer.model.get_weights(), expected, atol=1e-6)
+    # The ranking signal is the descent gradient's per-layer norm (first step: (1-β)·norm).
+    np.testing.assert_allclose(
+        list(trainer.layer_grad_norms.values()), 0.1 * np.array(norms), rtol=1e-5
+    )
+
+
+def test_rho_schedule():
+    params = ref.init_params(seed=5)
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([0], [0.3, 0.0])
+    expected = lw_ref.layerwise_sgd_step(params, X, Y, 0.1, 0.3, (1,))[0]
+    expected = ref.sam_sgd_step(expected, X, Y, 0.1, lambda p, g: [0 * t for t in g])
+    trainer = _mlp_trainer(params, (1,), rho=schedule)
+    trainer.fit(X, Y, batch_size=8, epochs=2, verbose=0)
+    assert_weights_close(trainer.model.get_weights(), expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------- reductions
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_all_layers_equals_sam(jit_compile):
+    """K = all layers is SAM, with BatchNorm and Dropout and a smaller last batch."""
+    x, y = classification_data(n=40)
+    results = []
+    for trainer in (
+        LayerwiseSAM(bn_dropout_model(), rho=0.1, num_layers=1.0),
+        keras_sam.SAM(bn_dropout_model(), rho=0.1),
+    ):
+        keras.utils.set_random_seed(5)
+        trainer.compile(
+            optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=logits_loss(),
+            jit_compile=jit_compile,
+        )
+        trainer.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results.append(trainer.model.get_weights())
+    assert_weights_close(*results, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_zero_layers_equals_base_optimizer(jit_compile):
+    x, y = classification_data(n=40)
+    results = []
+    for wrap in (lambda m: LayerwiseSAM(m, rho=0.5, num_layers=0), lambda m: m):
+        model = wrap(bn_dropout_model())
+        keras.utils.set_random_seed(5)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=logits_loss(),
+            jit_compile=jit_compile,
+        )
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results.append((model.model if isinstance(model, LayerwiseSAM) else model).get_weights())
+    assert_weights_close(*results, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the perturbation
+@pytest.mark.parametrize("radius", ["joint", "per_layer"])
+def test_perturbation_touches_only_chosen_layers(radius):
+    model = bn_dropout_model()
+    trainer = LayerwiseSAM(model, rho=0.3, num_layers=2, radius=radius)
+    trainer.compile(optimizer="sgd", loss=logits_loss())
+    assert trainer.candidate_layers == ["dense_in", "bn", "dense_out"]
+    trainer._selection.assign(np.array([1.0, 0.0, 1.0], "float32"))
+    assert trainer.selected_layers == ["dense_in", "dense_out"]
+    variables = trainer.trainable_variables
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
+    eps = trainer.perturbation(grads, variables)
+    values = [np.asarray(v.value) for v in variables]
+    perturbed = [np.asarray(p) for p in add_perturbation([v.value for v in variables], eps)]
+    norms = {}
+    for v, w, p, e in zip(variables, values, perturbed, eps):
+        layer = v.path.split("/")[-2]
+        if layer == "bn":
+            assert np.array_equal(p.view("uint32"), w.view("uint32")), v.path  # bit-identical
+        else:
+            norms[layer] = norms.get(layer, 0.0) + float(np.sum(np.square(np.asarray(e))))
+            np.testing.assert_allclose(p - w, e, atol=1e-6)
+    if radius == "joint":
+        np.testing.assert_allclose(np.sqrt(sum(norms.values())), 0.3, rtol=1e-5)
+    else:
+        np.testing.assert_allclose(np.sqrt(list(norms.values())), [0.3, 0.3], rtol=1e-5)
+
+
+def test_restricted_candidates_leave_other_variables_alone():
+    trainer = LayerwiseSAM(bn_dropout_model(), rho=0.3, num_layers=1.0, layers=["dense_out"])
+    trainer.compile(optimizer="sgd", loss=logits_loss())
+    variables = trainer.trainable_variables
+    eps = trainer.perturbation([np.ones(v.shape, "float32") for v in variables], variables)
+    touched = [v.path for v, e in zip(variables, eps) if e is not None]
+    assert touched and all("dense_out" in path for path in touched)
+
+
+def test_zero_gradient_gives_zero_perturbation():
+    trainer = LayerwiseSAM(plain_model(), num_layers=1)
+    trainer.compile(optimizer="sgd", loss=logits_loss())
+    variables = trainer.trainable_variables
+    eps = trainer.perturbation([np.zeros(v.shape, "float32") for v in variables], variables)
+    assert all(np.all(np.asarray(e) == 0.0) for e in eps if e is not None)
+
+
+# ---------------------------------------------------------------- ranking and schedule
+class _Scaled(keras.layers.Dense):
+    """A Dense layer on 100·x with a kernel 100× smaller: same function, ×100 kernel gradient."""
+
+    def call(self, inputs):
+        return super().call(100.0 * inputs)
+
+
+class CountingLayerwiseSAM(LayerwiseSAM):
+    traces = 0
+
+    def train_step(self, data):
+        type(self).traces += 1  # Python side effect: runs once per trace
+        return super().train_step(data)
+
+
+def _scaled_middle_model():
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(8, activation="tanh", name="first")(inputs)
+    h = _Scaled(8, activation="tanh", name="scaled",
+                kernel_initializer=keras.initializers.RandomNormal(stddev=0.003))(h)
+    h = keras.layers.Dense(8, activation="tanh", name="third")(h)
+    return keras.Model(inputs, keras.layers.Dense(3, name="last")(h))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_largest_gradient_layer_is_chosen_on_schedule_without_retracing(jit_compile):
+    x, y = classification_data(n=32)
+    CountingLayerwiseSAM.traces = 0
+    trainer = CountingLayerwiseSAM(
+        _scaled_middle_model(), rho=0.05, num_layers=1, reselect_every=3, max_cuts=4
+    )
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01), loss=logits_loss(),
+                    jit_compile=jit_compile)
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(trainer.selected_layers)
+    )
+    trainer.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[record])
+    # Output side until the first re-selection after step 3, then the ×100 layer.
+    assert seen[:2] == [["last"]] * 2
+    assert seen[2:] == [["scaled"]] * 10
+    assert max(trainer.layer_grad_norms, key=trainer.layer_grad_norms.get) == "scaled"
+    assert CountingLayerwiseSAM.traces == 1  # the cut moved from the top to layer 1
+
+
+# ---------------------------------------------------------------- state and saving
+def test_batchnorm_statistics_updated_once_at_clean_weights():
+    x, y = classification_data(n=16)
+    reference = bn_dropout_model()
+    reference(x, training=True)
+    trainer = LayerwiseSAM(bn_dropout_model(), rho=1.0, num_layers=1.0)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.0), loss=logits_loss())
+    trainer.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    bn = trainer.model.get_layer("bn")
+    expected = reference.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean, expected.moving_mean, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance, expected.moving_variance, atol=1e-6)
+
+
+def test_config_round_trip():
+    trainer = LayerwiseSAM(
+        bn_dropout_model(), rho=0.07, num_layers=2, reselect_every=5,
+        layers=lambda layer: layer.name != "bn", radius="per_layer", ranking_decay=0.5,
+        max_cuts=2, name="lw",
+    )
+    config = trainer.get_config()
+    assert config["layers"] == ["dense_in", "dense_out"]
+    clone = LayerwiseSAM.from_config(config)
+    for key in ("num_layers", "reselect_every", "radius", "ranking_decay", "max_cuts", "rho"):
+        assert getattr(clone, key) == getattr(trainer, key), key
+    assert clone.candidate_layers == trainer.candidate_layers
+    assert clone.name == "lw"
+
+
+def _bn_model():
+    """BatchNorm without Dropout: Keras 3.15 does not save a SeedGenerator's state in
+    `.keras` files, so no model with Dropout resumes bit-for-bit (plain Keras neither)."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(16, name="dense_in")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Dense(8, activation="relu", name="dense_mid")(h)
+    return keras.Model(inputs, keras.layers.Dense(3, name="dense_out")(h))
+
+
+def test_save_load_resumes_identically(tmp_path):
+    x, y = classification_data(n=32)
+
+    def make():
+        trainer = LayerwiseSAM(_bn_model(), rho=0.1, num_layers=1, reselect_every=2)
+        trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=logits_loss())
+        return trainer
+
+    uninterrupted = make()
+    uninterrupted.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+
+    first = make()
+    first.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    path = str(tmp_path / "lw.keras")
+    first.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, LayerwiseSAM)
+    np.testing.assert_array_equal(loaded._selection.numpy(), first._selection.numpy())
+    np.testing.assert_array_equal(loaded._grad_norms.numpy(), first._grad_norms.numpy())
+    loaded.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    assert_weights_close(loaded.model.get_weights(), uninterrupted.model.get_weights(), atol=1e-6)
+    assert loaded.selected_layers == uninterrupted.selected_layers
+
+
+# ---------------------------------------------------------------- arguments
+def test_candidates_from_objects_names_and_nested_models():
+    inner = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(4, name="a"), keras.layers.Dense(4, name="b")],
+        name="block",
+    )
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(2, name="head")(inner(inputs))
+    model = keras.Model(inputs, outputs)
+    assert LayerwiseSAM(model).candidate_layers == ["a", "b", "head"]
+    trainer = LayerwiseSAM(model, layers=["head", inner])  # a whole block is one layer
+    assert trainer.candidate_layers == ["block", "head"]
+    assert LayerwiseSAM(model, num_layers=0.25).num_chosen == 1  # fraction rounds up
+    assert LayerwiseSAM(model, num_layers=10).num_chosen == 3
+
+
+def _two_layer_model():
+    return plain_model()
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"num_layers": -1}, ValueError, "num_layers"),
+    ({"num_layers": 1.5}, ValueError, "num_layers"),
+    ({"num_layers": float("nan")}, ValueError, "num_layers"),
+    ({"num_layers": "2"}, TypeError, "num_layers"),
+    ({"num_layers": True}, TypeError, "num_layers"),
+    ({"reselect_every": 0}, ValueError, "reselect_every"),
+    ({"reselect_every": 1.0}, TypeError, "reselect_every"),
+    ({"max_cuts": 0}, ValueError, "max_cuts"),
+    ({"radius": "layer"}, ValueError, "radius"),
+    ({"ranking_decay": 1.0}, ValueError, "ranking_decay"),
+    ({"ranking_decay": "0.9"}, TypeError, "ranking_decay"),
+    ({"layers": ["nope"]}, ValueError, "layers"),
+    ({"layers": [keras.layers.Dense(2)]}, ValueError, "layers"),
+    ({"layers": [3]}, TypeError, "layers"),
+    ({"layers": "dense"}, TypeError, "layers"),
+    ({"layers": lambda layer: False}, ValueError, "layers"),
+    ({"rho": -0.1}, ValueError, "rho"),
+])
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LayerwiseSAM(_two_layer_model(), **kwargs)
+
+
+def test_layers_without_weights_or_overlapping_are_rejected():
+    model = bn_dropout_model()
+    with pytest.raises(ValueError, match="no trainable variables"):
+        LayerwiseSAM(model, layers=[model.layers[3]])  # ReLU
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="a")], name="blk")
+    outer = keras.Sequential([keras.Input((4,)), inner])
+    with pytest.raises(ValueError, match="overlap"):
+        LayerwiseSAM(outer, layers=["blk", "a"])
+
+
+def test_unbuilt_model_is_rejected():
+    with pytest.raises(ValueError, match="built"):
+        LayerwiseSAM(keras.Sequential([keras.layers.Dense(2)]))
