@@ -7,7 +7,7 @@ Train-step wrappers (`model.fit` works unchanged): `SAM`, `ASAM`, `KSAM`,
 """
 
 from keras_sam import callbacks, optimizers
-from keras_sam.models import ASAM, KSAM, SAM, SharpnessAwareTrainer
+from keras_sam.models import ASAM, KSAM, SAM, LayerwiseSAM, SharpnessAwareTrainer
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,7 @@ __all__ = [
     "ASAM",
     "KSAM",
     "SAM",
+    "LayerwiseSAM",
     "SharpnessAwareTrainer",
     "__version__",
     "callbacks",

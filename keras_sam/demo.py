@@ -62,6 +62,9 @@ METHODS: dict[str, DemoMethod] = {
     "ksam": DemoMethod(
         "K-SAM k=0.25", "sgd", lambda m: keras_sam.KSAM(m, rho=0.05, k=0.25), _sgd
     ),
+    "layerwise": DemoMethod(
+        "Layer-wise SAM rho=0.05", "sgd", lambda m: keras_sam.LayerwiseSAM(m, rho=0.05), _sgd
+    ),
     "msam": DemoMethod(
         "MSAM rho=0.3", "sgd", lambda m: m,
         lambda lr: keras_sam.optimizers.MSAM(lr(SGD_LR), momentum=0.9, rho=0.3),

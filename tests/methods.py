@@ -24,27 +24,29 @@ class Method:
     name: str
     #: (model, rho) -> the keras.Model to compile and fit.
     trainer: Callable[[keras.Model, Any], keras.Model]
-    #: rho -> the optimizer to compile the trainer with.
-    optimizer: Callable[[Any], keras.optimizers.Optimizer]
-    #: the base optimizer the method must equal at rho = 0.
-    base_optimizer: Callable[[], keras.optimizers.Optimizer]
+    #: (rho, **optimizer_kwargs) -> the optimizer to compile the trainer with.
+    optimizer: Callable[..., keras.optimizers.Optimizer]
+    #: (**optimizer_kwargs) -> the base optimizer the method must equal at rho = 0.
+    base_optimizer: Callable[..., keras.optimizers.Optimizer]
     #: (model, **kwargs) -> construct with bad keyword arguments (for error tests).
     construct: Callable[..., Any]
     is_wrapper: bool = True
+    #: () -> the callbacks `fit` needs for this method (MSAMCallback for MSAM).
+    callbacks: Callable[[], list] = list
 
     def __str__(self) -> str:
         return self.name
 
 
-def _sgd() -> keras.optimizers.Optimizer:
-    return keras.optimizers.SGD(LR, momentum=0.9)
+def _sgd(**kwargs: Any) -> keras.optimizers.Optimizer:
+    return keras.optimizers.SGD(LR, momentum=0.9, **kwargs)
 
 
 def _wrapper(cls: type, **extra: Any) -> Method:
     return Method(
         name=cls.__name__ + "".join(f"-{k}={v}" for k, v in extra.items()),
         trainer=lambda model, rho: cls(model, rho=rho, **extra),
-        optimizer=lambda rho: _sgd(),
+        optimizer=lambda rho, **kwargs: _sgd(**kwargs),
         base_optimizer=_sgd,
         construct=lambda model, **kwargs: cls(model, **{**extra, **kwargs}),
     )
@@ -56,16 +58,20 @@ WRAPPERS = [
     # k = 1.0 (the whole batch) so that "rho = 0 equals the base optimizer" holds;
     # tests/models/test_ksam.py covers k < 1.
     _wrapper(keras_sam.KSAM, k=1.0),
+    # One layer (the backward is cut) and all layers (reduces to SAM).
+    _wrapper(keras_sam.LayerwiseSAM, num_layers=1),
+    _wrapper(keras_sam.LayerwiseSAM, num_layers=1.0),
 ]
 
 def _optimizer(cls: type, base: Callable[[], keras.optimizers.Optimizer], **extra: Any) -> Method:
     return Method(
         name=cls.__name__,
         trainer=lambda model, rho: model,
-        optimizer=lambda rho: cls(LR, rho=rho, **extra),
+        optimizer=lambda rho, **kwargs: cls(LR, rho=rho, **extra, **kwargs),
         base_optimizer=base,
         construct=lambda model, **kwargs: cls(**{**extra, **kwargs}),
         is_wrapper=False,
+        callbacks=lambda: [keras_sam.callbacks.MSAMCallback()],
     )
 
 
@@ -73,7 +79,7 @@ OPTIMIZERS = [
     _optimizer(keras_sam.optimizers.MSAM, _sgd, momentum=0.9),
     # weight_decay=None: AdamWMSAM decays after the Adam step (the paper's order),
     # Keras' AdamW before it; without decay the two must agree exactly.
-    _optimizer(keras_sam.optimizers.AdamWMSAM, lambda: keras.optimizers.Adam(LR),
+    _optimizer(keras_sam.optimizers.AdamWMSAM, lambda **kwargs: keras.optimizers.Adam(LR, **kwargs),
                weight_decay=None),
 ]
 

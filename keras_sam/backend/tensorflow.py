@@ -121,12 +121,11 @@ def forward_and_switched_gradients(
     def make_branch(positions: Sequence[int]) -> Any:
         def branch() -> list[Tensor]:
             sources = [wrt[i] for i in positions]
-            computed = tape.gradient(
-                scaled, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO
-            )
+            computed = tape.gradient(scaled, sources)
             grads = [tf.zeros(v.shape, v.dtype) for v in wrt]
             for i, g in zip(positions, computed):
-                grads[i] = _dense(g)
+                if g is not None:
+                    grads[i] = _dense(g)
             return grads
 
         return branch

@@ -3,6 +3,7 @@
 from keras_sam.models.asam import ASAM
 from keras_sam.models.base import SharpnessAwareTrainer
 from keras_sam.models.ksam import KSAM
+from keras_sam.models.layerwise import LayerwiseSAM
 from keras_sam.models.sam import SAM
 
-__all__ = ["ASAM", "KSAM", "SAM", "SharpnessAwareTrainer"]
+__all__ = ["ASAM", "KSAM", "SAM", "LayerwiseSAM", "SharpnessAwareTrainer"]

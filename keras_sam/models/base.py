@@ -92,6 +92,8 @@ class SharpnessAwareTrainer(keras.Model):
         self.model = model
         self.rho = rho
         self.perturbation_scope = perturbation_scope
+        if model.built:
+            self.built = True
 
     # ------------------------------------------------------------------ model API
     def call(self, inputs: Any, training: bool | None = None) -> Any:
@@ -108,7 +110,7 @@ class SharpnessAwareTrainer(keras.Model):
         state_before = backend.snapshot(self.non_trainable_variables)
         ascent = self.ascent(x, y, sample_weight, state_before)
         self._track_loss(ascent.loss, x)
-        grads = ascent.grads
+        grads = self._unscale(ascent.grads)
         if self.perturbation_scope == "global":
             grads = backend.all_reduce_sum(grads)
         perturbation = self.perturbation(grads, self.trainable_variables)
@@ -116,8 +118,10 @@ class SharpnessAwareTrainer(keras.Model):
             [v.value for v in self.trainable_variables], perturbation
         )
         _, sam_grads = backend.stateless_gradients(self, perturbed, state_before, *ascent.batch)
-        self._apply(sam_grads)
+        finite = all_finite(sam_grads)
+        self._apply(sam_grads, finite)
         self.after_step(sam_grads)
+        self._keep_state_of_skipped_step(state_before, finite)
         return self.compute_metrics(x, y, ascent.y_pred, sample_weight=sample_weight)
 
     # ------------------------------------------------------------------ hooks
@@ -148,12 +152,17 @@ class SharpnessAwareTrainer(keras.Model):
             loss * backend.num_replicas(), sample_weight=batch_size
         )
 
-    def _apply(self, grads: list) -> None:
+    def _unscale(self, grads: list) -> list:
+        """Ascent gradients without the mixed-precision loss scale (norms in float32)."""
+        scale = backend.loss_scale(self.optimizer)
+        return [None if g is None else ops.cast(g, "float32") / scale for g in grads]
+
+    def _apply(self, grads: list, finite: Any) -> None:
         """optimizer.apply, skipping a step whose gradients are not finite.
 
-        `LossScaleOptimizer` already skips such steps (and lowers its scale);
-        for any other optimizer the step is skipped here, so a NaN or inf in a
-        batch never reaches the weights or the optimizer state.
+        `LossScaleOptimizer` skips such steps itself (and lowers its scale); for
+        any other optimizer the step is skipped here, so a NaN or inf in a batch
+        never reaches the weights or the optimizer state.
         """
         variables = self.trainable_variables
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
@@ -161,7 +170,12 @@ class SharpnessAwareTrainer(keras.Model):
             return
         if not self.optimizer.built:
             self.optimizer.build(variables)
-        backend.apply_if_finite(self.optimizer, grads, variables, all_finite(grads))
+        backend.apply_if_finite(self.optimizer, grads, variables, finite)
+
+    def _keep_state_of_skipped_step(self, state_before: list, finite: Any) -> None:
+        """A skipped step also leaves BatchNorm statistics and RNG state as they were."""
+        for variable, before in zip(self.non_trainable_variables, state_before):
+            variable.assign(ops.where(finite, variable.value, before))
 
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict:

@@ -70,10 +70,13 @@ class LayerwiseSAM(SharpnessAwareTrainer):
     F + 2F·(fraction of the model above the cut) + 3F, against SGD's 3F and
     SAM's 6F.
 
-    Under `tf.distribute` the ranking variables are synchronized from replica 0
-    (``aggregation="only_first_replica"``), so every replica perturbs the same
-    layers; each replica's ascent gradient is its own unless
-    ``perturbation_scope="global"``.
+    Under `tf.distribute` every replica perturbs the same layers: the ranking
+    variables are written from replica 0 (``aggregation="only_first_replica"``).
+    With ``perturbation_scope="replica"`` (default) layers are ranked by replica
+    0's descent gradient and each replica's ascent gradient is its own. With
+    ``"global"`` the ascent gradient and the ranking signal are summed over
+    replicas (one extra all-reduce of the gradients per step), so N replicas
+    compute exactly what one device computes on the global batch.
 
     Args:
         model: the `keras.Model` to train. It must be built (functional and
@@ -196,6 +199,8 @@ class LayerwiseSAM(SharpnessAwareTrainer):
 
     # ------------------------------------------------------------------ hooks
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
+        # The loss scale of this step, read before the optimizer may change it.
+        self._step_loss_scale = backend.loss_scale(self.optimizer)
         variables = self.trainable_variables
         if self.num_chosen == 0:
             loss, y_pred, _ = backend.forward_and_gradients(self, x, y, sample_weight, [])
@@ -237,8 +242,13 @@ class LayerwiseSAM(SharpnessAwareTrainer):
     def after_step(self, sam_grads: list) -> None:
         """Updates the gradient-norm average and, on schedule, the selection."""
         groups = self._unit_positions(self.trainable_variables)
+        if self.perturbation_scope == "global":
+            # Rank by the global batch's gradient, as one device would (one more
+            # all-reduce of the gradients per step, the price of exactness).
+            sam_grads = backend.all_reduce_sum(sam_grads)
         norms = ops.stack([global_norm([sam_grads[p] for p in group]) for group in groups])
-        norms = norms / backend.loss_scale(self.optimizer)
+        scale = getattr(self, "_step_loss_scale", None)
+        norms = norms / (backend.loss_scale(self.optimizer) if scale is None else scale)
         old = self._grad_norms.value
         decay = self.ranking_decay
         averaged = ops.where(ops.all(ops.isfinite(norms)), decay * old + (1.0 - decay) * norms, old)

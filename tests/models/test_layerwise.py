@@ -321,3 +321,15 @@ def test_layers_without_weights_or_overlapping_are_rejected():
 def test_unbuilt_model_is_rejected():
     with pytest.raises(ValueError, match="built"):
         LayerwiseSAM(keras.Sequential([keras.layers.Dense(2)]))
+
+
+def test_mixed_precision_ranks_unscaled_norms():
+    keras.config.set_dtype_policy("mixed_float16")
+    x, y = classification_data(n=32)
+    trainer = LayerwiseSAM(plain_model(), rho=0.1, num_layers=1, ranking_decay=0.0)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1), loss=logits_loss())
+    assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+    trainer.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    norms = list(trainer.layer_grad_norms.values())
+    assert all(np.isfinite(w).all() for w in trainer.model.get_weights())
+    assert all(0.0 < n < 10.0 for n in norms)  # unscaled (the loss scale is 2**15)

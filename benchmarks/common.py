@@ -1,0 +1,344 @@
+"""Helpers shared by the benchmarks: backend/device flags, the method registry,
+memory accounting, machine description and result writing.
+
+Nothing here imports Keras at module level: ``--backend`` must be able to set
+``KERAS_BACKEND`` before Keras is first imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_BACKENDS = ("tensorflow",)
+KNOWN_BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+
+
+# ---------------------------------------------------------------------- flags
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="Keras backend (sets KERAS_BACKEND before Keras is imported). Only "
+        "'tensorflow' is supported today; JAX/PyTorch are a later issue.",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "gpu"),
+        help="'cpu' hides every GPU; 'gpu' requires one; 'auto' uses a GPU when present.",
+    )
+    parser.add_argument(
+        "--out", default=str(DEFAULT_OUT), help="output folder (JSON, markdown, PNG)"
+    )
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (CI)")
+
+
+def setup_backend(backend: str | None, parser: argparse.ArgumentParser) -> str:
+    """Validates ``--backend`` and sets ``KERAS_BACKEND`` if Keras is not imported yet."""
+    if backend is None:
+        os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+        backend = os.environ["KERAS_BACKEND"]
+    if backend not in KNOWN_BACKENDS:
+        parser.error(f"--backend must be one of {KNOWN_BACKENDS}, got {backend!r}.")
+    if backend not in SUPPORTED_BACKENDS:
+        parser.error(
+            f"--backend {backend}: keras_sam only supports the TensorFlow backend today "
+            f"(JAX and PyTorch support is a later issue). Use --backend tensorflow."
+        )
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != backend:
+            parser.error(
+                f"--backend {backend}: Keras is already imported with the "
+                f"{keras.backend.backend()!r} backend in this process."
+            )
+    else:
+        os.environ["KERAS_BACKEND"] = backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return backend
+
+
+def setup_device(device: str, parser: argparse.ArgumentParser) -> str:
+    """Applies ``--device`` (TensorFlow) and returns a description of the device used."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if device == "cpu" and gpus:
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TF already initialized its devices in this process
+            parser.error("--device cpu: TensorFlow already initialized the GPU here.")
+        gpus = []
+    if device == "gpu" and not gpus:
+        parser.error("--device gpu: TensorFlow sees no GPU on this machine.")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return f"GPU: {details.get('device_name', gpus[0].name)}"
+    return f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)"
+
+
+def uses_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.get_visible_devices("GPU"))
+
+
+# ---------------------------------------------------------------------- machine
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict:
+    import keras
+    import tensorflow as tf
+
+    import keras_sam
+
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    memory = None
+    try:
+        with open("/proc/meminfo") as f:
+            memory = int(f.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "memory_bytes": memory,
+        "load_average_1_5_15": load,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "tensorflow": tf.__version__,
+        "keras_sam": keras_sam.__version__,
+        "keras_backend": keras.backend.backend(),
+        "command": "python -m " + " ".join([_module_name(), *sys.argv[1:]]),
+    }
+
+
+def _module_name() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec is not None else Path(sys.argv[0]).name
+
+
+def load_now() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def current_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# ---------------------------------------------------------------------- methods
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One training method: how to wrap a model and which optimizer it compiles with.
+
+    ``wrap(model, rho)`` returns the object to compile and train (the model itself
+    for the optimizer-only methods); ``optimizer(learning_rate, rho)`` the optimizer.
+    ``rho`` may be a float or a callable of the step (a schedule).
+    """
+
+    name: str
+    label: str
+    base: str
+    wrap: Callable[[Any, Any], Any]
+    optimizer: Callable[[Any, Any], Any]
+    default_rho: float | None
+    #: the generalization benchmark's ρ grid (empty for the base optimizers)
+    rho_grid: tuple[float, ...] = ()
+    #: Momentum-SAM optimizers keep the weights perturbed between steps
+    momentum_sam: bool = False
+    #: a one-line description of the hyperparameters other than ρ
+    extra: str = ""
+
+
+SGD_MOMENTUM = 0.9
+ADAMW_WEIGHT_DECAY = 0.004
+KSAM_K = 0.25
+LAYERWISE_NUM_LAYERS = 0.25
+
+
+def layerwise_class() -> Any:
+    """`keras_sam.LayerwiseSAM` if it is available (exported or in keras_sam.models.layerwise)."""
+    import keras_sam
+
+    if hasattr(keras_sam, "LayerwiseSAM"):
+        return keras_sam.LayerwiseSAM
+    try:
+        from keras_sam.models.layerwise import LayerwiseSAM
+    except ImportError:
+        return None
+    return LayerwiseSAM
+
+
+def all_methods() -> dict[str, Method]:
+    """Every method of the package, plus the two base optimizers, by short name."""
+    import keras
+
+    import keras_sam
+
+    def sgd(lr: Any, rho: Any) -> Any:
+        return keras.optimizers.SGD(lr, momentum=SGD_MOMENTUM)
+
+    def adamw(lr: Any, rho: Any) -> Any:
+        return keras.optimizers.AdamW(lr, weight_decay=ADAMW_WEIGHT_DECAY)
+
+    def same(model: Any, rho: Any) -> Any:
+        return model
+
+    methods = [
+        Method("sgd", "SGD-momentum (base)", "sgd", same, sgd, None),
+        Method(
+            "sam", "SAM", "sgd", lambda m, r: keras_sam.SAM(m, rho=r), sgd, 0.05,
+            (0.02, 0.05, 0.1),
+        ),
+        Method(
+            "asam", "ASAM", "sgd", lambda m, r: keras_sam.ASAM(m, rho=r, eta=0.01), sgd, 0.5,
+            (0.2, 0.5, 1.0), extra="eta=0.01",
+        ),
+        Method(
+            "ksam", "K-SAM", "sgd", lambda m, r: keras_sam.KSAM(m, rho=r, k=KSAM_K), sgd, 0.05,
+            (0.02, 0.05, 0.1), extra=f"k={KSAM_K}",
+        ),
+    ]
+    layerwise = layerwise_class()
+    if layerwise is not None:
+        methods.append(
+            Method(
+                "layerwise", "LayerwiseSAM", "sgd",
+                lambda m, r: layerwise(m, rho=r, num_layers=LAYERWISE_NUM_LAYERS), sgd, 0.05,
+                (0.02, 0.05, 0.1), extra=f"num_layers={LAYERWISE_NUM_LAYERS}",
+            )
+        )
+    methods += [
+        Method(
+            "msam", "MSAM", "sgd", same,
+            lambda lr, r: keras_sam.optimizers.MSAM(lr, momentum=SGD_MOMENTUM, rho=r), 0.3,
+            (0.1, 0.3, 1.0), momentum_sam=True,
+        ),
+        Method("adamw", "AdamW (base)", "adamw", same, adamw, None),
+        Method(
+            "adamw-msam", "AdamW-MSAM", "adamw", same,
+            lambda lr, r: keras_sam.optimizers.AdamWMSAM(
+                lr, rho=r, weight_decay=ADAMW_WEIGHT_DECAY
+            ),
+            0.3, (0.1, 0.3, 1.0), momentum_sam=True,
+        ),
+    ]
+    return {m.name: m for m in methods}
+
+
+def select_methods(requested: Sequence[str] | None, available: dict[str, Method]) -> list[str]:
+    """The requested methods plus the base optimizers they are compared against."""
+    names = list(available) if not requested else list(requested)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; available: {list(available)}")
+    bases = [available[n].base for n in names]
+    return [n for n in available if n in names or n in bases]
+
+
+# ---------------------------------------------------------------------- memory
+def variable_bytes(variables: Sequence[Any]) -> int:
+    return int(sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables))
+
+
+def added_variable_bytes(trainer: Any, model: Any, base_optimizer_bytes: int) -> dict:
+    """Bytes of variables a method holds beyond the model and its base optimizer.
+
+    = the method's optimizer variables + the wrapper's own variables − the base
+    optimizer's variables (on the same model).
+    """
+    own = {id(v) for v in model.variables} | {id(v) for v in trainer.optimizer.variables}
+    wrapper_only = [v for v in trainer.variables if id(v) not in own]
+    optimizer_bytes = variable_bytes(trainer.optimizer.variables)
+    wrapper_bytes = variable_bytes(wrapper_only)
+    return {
+        "optimizer_bytes": optimizer_bytes,
+        "wrapper_bytes": wrapper_bytes,
+        "added_bytes": optimizer_bytes + wrapper_bytes - base_optimizer_bytes,
+    }
+
+
+# ---------------------------------------------------------------------- output
+def ensure_dir(path: str | os.PathLike) -> Path:
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=True) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    return value
+
+
+def human_bytes(count: float | None) -> str:
+    if count is None or (isinstance(count, float) and not math.isfinite(count)):
+        return "n/a"
+    sign = "-" if count < 0 else ""
+    count = abs(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{sign}{count:.0f} {unit}" if unit == "B" else f"{sign}{count:.1f} {unit}"
+        count /= 1024
+    return f"{sign}{count:.1f} GiB"
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    q1, median, q3 = np.percentile(np.asarray(values, "float64"), [25, 50, 75])
+    return float(q1), float(median), float(q3)

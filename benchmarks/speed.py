@@ -1,0 +1,600 @@
+"""Step time and memory of every keras_sam method, relative to its base optimizer.
+
+    python -m benchmarks.speed                 # full run (~10 min on 2 CPU cores)
+    python -m benchmarks.speed --quick         # seconds (CI)
+    python -m benchmarks.speed --device gpu --out /tmp/gpu-results
+
+For each model (a CNN with BatchNorm on 32×32×3 inputs at batch 128, a small
+Transformer encoder classifying token sequences, an MLP), every method gets its
+own copy of the model (same initial weights), compiled with ``jit_compile=True``.
+After warm-up (tracing + XLA compilation), the compiled ``train_function`` is
+called directly on an iterator of fixed, pre-built batches, and each call is
+blocked on (logs converted to NumPy). Rounds are interleaved: for each round,
+every method runs ``--steps`` steps in turn, so slow drifts of the machine
+(other processes, thermal) hit every method alike. Reported: median and IQR of
+per-step times, the ratio of medians to the base optimizer of the same model
+(SGD-momentum for SAM/ASAM/K-SAM/LayerwiseSAM/MSAM, AdamW for AdamW-MSAM) and
+the IQR of the per-round ratios.
+
+Memory: the bytes of variables a method adds (its optimizer's variables plus
+the wrapper's own variables minus the base optimizer's variables), and, with
+``--rss-models``, the peak resident set size of a fresh subprocess that builds,
+compiles and runs only that method (``ru_maxrss`` is process-wide and never
+decreases, so it is only meaningful one method per process). On a GPU the
+peak of TensorFlow's GPU allocator during each method's warm-up is reported too.
+
+``--pieces`` times the parts a step is made of (training forward, forward +
+backward, the stateless perturbed pass, K-SAM's scoring pass, the optimizer
+update) to explain the ratios against the cost model of ALGORITHMS.md §2.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import common
+
+TARGETS = {  # (model, method) -> maximal ratio to the base optimizer, from issue #6
+    ("cnn", "sam"): 2.05,
+    ("cnn", "msam"): 1.02,
+    ("cnn", "ksam"): 0.6,
+    ("cnn", "layerwise"): 1.2,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    build: Callable[[int], Any]
+    batch_size: int
+    make_data: Callable[[int, int], tuple]
+    learning_rate: dict  # base optimizer name -> learning rate
+
+
+def build_cnn(seed: int) -> Any:
+    """A VGG-style CNN with BatchNorm for 32×32×3 images (three stages of two convs)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((32, 32, 3))
+    h = inputs
+    for stage, filters in enumerate((16, 32, 64)):
+        for _ in range(2):
+            h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
+            h = keras.layers.BatchNormalization()(h)
+            h = keras.layers.ReLU()(h)
+        if stage < 2:
+            h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    outputs = keras.layers.Dense(10)(h)
+    return keras.Model(inputs, outputs, name="cnn_bn")
+
+
+SEQ_LEN, VOCAB, D_MODEL, HEADS, FF, BLOCKS = 64, 2000, 64, 4, 128, 2
+
+
+def build_transformer(seed: int) -> Any:
+    """A 2-block Transformer encoder (pre-LN) classifying sequences of 64 tokens."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((SEQ_LEN,), dtype="int32")
+    h = keras.layers.Embedding(VOCAB, D_MODEL)(tokens)
+    positions = keras.layers.Embedding(SEQ_LEN, D_MODEL)(
+        keras.ops.expand_dims(keras.ops.arange(SEQ_LEN), 0)
+    )
+    h = h + positions
+    for _ in range(BLOCKS):
+        a = keras.layers.LayerNormalization()(h)
+        a = keras.layers.MultiHeadAttention(HEADS, D_MODEL // HEADS)(a, a)
+        h = h + a
+        f = keras.layers.LayerNormalization()(h)
+        f = keras.layers.Dense(FF, activation="gelu")(f)
+        f = keras.layers.Dense(D_MODEL)(f)
+        h = h + f
+    h = keras.layers.LayerNormalization()(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    outputs = keras.layers.Dense(2)(h)
+    return keras.Model(tokens, outputs, name="transformer")
+
+
+def build_mlp(seed: int) -> Any:
+    """An MLP 784-1024-1024-1024-10 with ReLU."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((784,))
+    h = inputs
+    for _ in range(3):
+        h = keras.layers.Dense(1024, activation="relu")(h)
+    outputs = keras.layers.Dense(10)(h)
+    return keras.Model(inputs, outputs, name="mlp")
+
+
+def _images(n: int, seed: int) -> tuple:
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 32, 32, 3), dtype="float32"), rng.integers(0, 10, n).astype("int32")
+
+
+def _tokens(n: int, seed: int) -> tuple:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, VOCAB, (n, SEQ_LEN)).astype("int32"), rng.integers(0, 2, n).astype(
+        "int32"
+    )
+
+
+def _vectors(n: int, seed: int) -> tuple:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 784), dtype="float32"), rng.integers(0, 10, n).astype("int32")
+
+
+MODELS: dict[str, ModelSpec] = {
+    "cnn": ModelSpec(
+        "cnn", "CNN + BatchNorm, 6 conv (16-32-64), 32×32×3, batch 128",
+        build_cnn, 128, _images, {"sgd": 0.05, "adamw": 1e-3},
+    ),
+    "transformer": ModelSpec(
+        "transformer",
+        f"Transformer encoder, {BLOCKS} blocks, d={D_MODEL}, {HEADS} heads, seq {SEQ_LEN}, "
+        "batch 64",
+        build_transformer, 64, _tokens, {"sgd": 0.05, "adamw": 1e-3},
+    ),
+    "mlp": ModelSpec(
+        "mlp", "MLP 784-1024×3-10, batch 128", build_mlp, 128, _vectors,
+        {"sgd": 0.05, "adamw": 1e-3},
+    ),
+}
+
+QUICK_MODELS = {  # tiny shapes, so --quick compiles and runs in seconds
+    "cnn": 8,
+    "transformer": 8,
+    "mlp": 16,
+}
+
+
+# ---------------------------------------------------------------------- runners
+class Runner:
+    """One method on one model: a compiled train function and its batch iterator."""
+
+    def __init__(self, spec: ModelSpec, method: common.Method, data: tuple, batch: int) -> None:
+        import keras
+        import tensorflow as tf
+
+        self.method = method
+        self.model = spec.build(0)
+        self.trainer = method.wrap(self.model, method.default_rho)
+        lr = spec.learning_rate[method.base]
+        self.trainer.compile(
+            optimizer=method.optimizer(lr, method.default_rho),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            jit_compile=True,
+        )
+        self.trainer.optimizer.build(self.trainer.trainable_variables)
+        dataset = tf.data.Dataset.from_tensor_slices(data).batch(batch, drop_remainder=True)
+        self.iterator = iter(dataset.cache().repeat())
+        self.trainer.make_train_function()
+        self.train_function = self.trainer.train_function
+        self.times: list[float] = []
+        self.round_medians: list[float] = []
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        logs = self.train_function(self.iterator)
+        float(np.asarray(logs["loss"]))  # blocks until the step has run
+        return time.perf_counter() - start
+
+    def run(self, steps: int) -> list[float]:
+        return [self.step() for _ in range(steps)]
+
+
+def time_model(
+    spec: ModelSpec, names: Sequence[str], methods: dict, args: argparse.Namespace
+) -> dict:
+    batch = spec.batch_size if not args.quick else QUICK_MODELS[spec.name]
+    data = spec.make_data(batch * 4, 0)
+    gpu = common.uses_gpu()
+    runners: dict[str, Runner] = {}
+    memory: dict[str, dict] = {}
+    compile_s: dict[str, float] = {}
+    for name in names:
+        if gpu:
+            import tensorflow as tf
+
+            tf.config.experimental.reset_memory_stats("GPU:0")
+            before = tf.config.experimental.get_memory_info("GPU:0")["current"]
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MSAM without MSAMCallback: intended here
+            runner = Runner(spec, methods[name], data, batch)
+            runner.run(args.warmup)
+        compile_s[name] = time.perf_counter() - start
+        runners[name] = runner
+        memory[name] = {}
+        if gpu:
+            peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
+            memory[name]["gpu_peak_bytes_during_warmup"] = int(peak - before)
+        print(f"  {spec.name}/{name}: compiled + warmed up in {compile_s[name]:.1f} s",
+              flush=True)
+    base_bytes = {
+        name: common.variable_bytes(r.trainer.optimizer.variables)
+        for name, r in runners.items()
+        if methods[name].base == name
+    }
+    for name, r in runners.items():
+        base = methods[name].base
+        memory[name].update(
+            common.added_variable_bytes(r.trainer, r.model, base_bytes.get(base, 0))
+        )
+        memory[name]["model_bytes"] = common.variable_bytes(r.model.variables)
+    loads = []
+    for _ in range(args.rounds):
+        loads.append(common.load_now())
+        for name in names:
+            times = runners[name].run(args.steps)
+            runners[name].times.extend(times)
+            runners[name].round_medians.append(float(np.median(times)))
+    results = {}
+    for name in names:
+        r = runners[name]
+        base = runners[methods[name].base]
+        q1, median, q3 = common.quartiles(r.times)
+        round_ratios = [a / b for a, b in zip(r.round_medians, base.round_medians)]
+        rq1, _, rq3 = common.quartiles(round_ratios)
+        results[name] = {
+            "label": methods[name].label,
+            "base": methods[name].base,
+            "rho": methods[name].default_rho,
+            "extra": methods[name].extra,
+            "median_step_s": median,
+            "iqr_step_s": [q1, q3],
+            "ratio": median / float(np.median(base.times)),
+            "round_ratio_iqr": [rq1, rq3],
+            "round_ratios": round_ratios,
+            "steps_timed": len(r.times),
+            "compile_and_warmup_s": compile_s[name],
+            "memory": memory[name],
+        }
+    return {
+        "description": spec.description,
+        "batch_size": batch,
+        "parameters": int(sum(math.prod(v.shape) for v in runners[names[0]].model.weights)),
+        "load_during_rounds": loads,
+        "methods": results,
+    }
+
+
+# ---------------------------------------------------------------------- pieces
+def time_pieces(spec: ModelSpec, args: argparse.Namespace) -> dict:
+    """Times the parts of a step on ``spec`` (jit-compiled, interleaved rounds)."""
+    import keras
+    import tensorflow as tf
+
+    from keras_sam import backend
+
+    batch = spec.batch_size if not args.quick else QUICK_MODELS[spec.name]
+    x, y = (tf.constant(t) for t in spec.make_data(batch, 1))
+    model = spec.build(0)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=common.SGD_MOMENTUM),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    variables = model.trainable_variables
+    model.optimizer.build(variables)
+    k = max(1, round(common.KSAM_K * batch))
+
+    def forward_train():
+        return model(x, training=True)
+
+    def forward_inference():
+        return model(x, training=False)
+
+    def forward_backward():
+        _, _, grads = backend.forward_and_gradients(model, x, y, None, variables)
+        return grads
+
+    def stateless_forward_backward():
+        state = backend.snapshot(model.non_trainable_variables)
+        return backend.stateless_gradients(model, [v.value for v in variables], state, x, y, None)
+
+    def ksam_scores():
+        return backend.forward_and_sample_scores(model, x, y, None)[2]
+
+    def stateless_forward_backward_k():
+        state = backend.snapshot(model.non_trainable_variables)
+        return backend.stateless_gradients(
+            model, [v.value for v in variables], state, x[:k], y[:k], None
+        )
+
+    grads = [tf.zeros_like(v.value) for v in variables]
+
+    def optimizer_apply():
+        model.optimizer.apply(grads, variables)
+        return model.optimizer.iterations.value
+
+    def sgd_step():
+        _, _, g = backend.forward_and_gradients(model, x, y, None, variables)
+        model.optimizer.apply(g, variables)
+        return model.optimizer.iterations.value
+
+    pieces = {
+        "forward (training mode)": forward_train,
+        "forward (inference mode)": forward_inference,
+        "forward + backward (clean pass)": forward_backward,
+        "stateless forward + backward (perturbed pass)": stateless_forward_backward,
+        "K-SAM scoring forward (whole batch)": ksam_scores,
+        f"stateless forward + backward on k={k} samples": stateless_forward_backward_k,
+        "optimizer apply (SGD-momentum)": optimizer_apply,
+        "clean pass + apply (SGD step, no Keras train_step)": sgd_step,
+    }
+    compiled = {n: tf.function(f, jit_compile=True) for n, f in pieces.items()}
+
+    def block(out: Any) -> None:
+        for t in tf.nest.flatten(out):
+            if t is not None:
+                np.asarray(t)
+
+    for f in compiled.values():
+        for _ in range(args.warmup):
+            block(f())
+    times: dict[str, list[float]] = {n: [] for n in compiled}
+    for _ in range(args.rounds):
+        for n, f in compiled.items():
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                block(f())
+                times[n].append(time.perf_counter() - start)
+    return {
+        "batch_size": batch,
+        "k": k,
+        "pieces": {
+            n: {"median_s": float(np.median(t)), "iqr_s": list(common.quartiles(t)[::2])}
+            for n, t in times.items()
+        },
+    }
+
+
+# ---------------------------------------------------------------------- RSS probes
+def probe_rss(model_name: str, method_name: str, args: argparse.Namespace) -> dict:
+    """Run inside a fresh subprocess: RSS after imports, and peak RSS after training."""
+    methods = common.all_methods()
+    spec = MODELS[model_name]
+    batch = spec.batch_size if not args.quick else QUICK_MODELS[spec.name]
+    data = spec.make_data(batch * 4, 0)
+    baseline = common.current_rss_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runner = Runner(spec, methods[method_name], data, batch)
+        runner.run(args.warmup + args.steps)
+    return {"rss_after_imports_bytes": baseline, "peak_rss_bytes": common.peak_rss_bytes()}
+
+
+def run_rss_probes(models: Sequence[str], names: Sequence[str], args: argparse.Namespace) -> dict:
+    results: dict[str, dict] = {}
+    for model_name in models:
+        results[model_name] = {}
+        for name in names:
+            command = [
+                sys.executable, "-m", "benchmarks.speed", "--probe-rss", model_name, name,
+                "--device", args.device, "--warmup", str(args.warmup), "--steps", str(args.steps),
+            ] + (["--quick"] if args.quick else [])
+            env = dict(os.environ, PYTHONWARNINGS="ignore")
+            done = subprocess.run(
+                command, capture_output=True, text=True, env=env,
+                cwd=str(Path(__file__).resolve().parent.parent), check=False,
+            )
+            line = [ln for ln in done.stdout.splitlines() if ln.startswith("RSS_PROBE ")]
+            if done.returncode != 0 or not line:
+                print(f"  RSS probe {model_name}/{name} failed:\n{done.stderr[-2000:]}")
+                continue
+            results[model_name][name] = json.loads(line[-1][len("RSS_PROBE "):])
+            print(f"  RSS probe {model_name}/{name}: peak "
+                  f"{common.human_bytes(results[model_name][name]['peak_rss_bytes'])}", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------- reporting
+def markdown(report: dict) -> str:
+    lines = [
+        "# Speed benchmark",
+        "",
+        f"`{report['machine']['command']}` — {report['machine']['date']}, "
+        f"{report['machine']['device']}, load average (1/5/15 min) at start "
+        f"{report['machine']['load_average_1_5_15']}.",
+        "",
+        f"Per-step time of the compiled `train_function` (XLA), {report['settings']['rounds']} "
+        f"interleaved rounds × {report['settings']['steps']} steps per method, after "
+        f"{report['settings']['warmup']} warm-up steps. Ratio = median step time / median "
+        "step time of the base optimizer on the same model (in brackets: IQR of the "
+        "per-round ratios). Added memory = bytes of variables the method holds beyond the "
+        "model and its base optimizer.",
+        "",
+    ]
+    for model_name, result in report["models"].items():
+        lines += [
+            f"## {model_name}: {result['description']} ({result['parameters']:,} weights)",
+            "",
+            "| method | ρ | median step (ms) | IQR (ms) | ratio to base | target | "
+            "added variables |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in result["methods"].items():
+            target = TARGETS.get((model_name, name))
+            target_text = "" if target is None else (
+                f"≤ {target:g} {'✅' if r['ratio'] <= target else '❌'}"
+            )
+            rho = "" if r["rho"] is None else f"{r['rho']:g}"
+            label = r["label"] + (f" ({r['extra']})" if r["extra"] else "")
+            lines.append(
+                f"| {label} | {rho} | {1000 * r['median_step_s']:.2f} "
+                f"| {1000 * r['iqr_step_s'][0]:.2f}–{1000 * r['iqr_step_s'][1]:.2f} "
+                f"| **{r['ratio']:.3f}×** [{r['round_ratio_iqr'][0]:.3f}–"
+                f"{r['round_ratio_iqr'][1]:.3f}] | {target_text} "
+                f"| {common.human_bytes(r['memory']['added_bytes'])} |"
+            )
+        lines.append("")
+    if report.get("rss"):
+        lines += [
+            "## Peak process memory (one fresh subprocess per method)",
+            "",
+            "| model | method | RSS after imports | peak RSS | peak − base optimizer's peak |",
+            "|---|---|---|---|---|",
+        ]
+        methods = report["methods"]
+        for model_name, probes in report["rss"].items():
+            for name, p in probes.items():
+                base = probes.get(methods[name]["base"])
+                delta = p["peak_rss_bytes"] - base["peak_rss_bytes"] if base else None
+                lines.append(
+                    f"| {model_name} | {methods[name]['label']} "
+                    f"| {common.human_bytes(p['rss_after_imports_bytes'])} "
+                    f"| {common.human_bytes(p['peak_rss_bytes'])} | {common.human_bytes(delta)} |"
+                )
+        lines.append("")
+    for model_name, pieces in report.get("pieces", {}).items():
+        lines += [
+            f"## Pieces of a step: {model_name} (batch {pieces['batch_size']}, "
+            "each piece jit-compiled on its own)",
+            "",
+            "| piece | median (ms) | IQR (ms) |",
+            "|---|---|---|",
+        ]
+        for n, p in pieces["pieces"].items():
+            lines.append(
+                f"| {n} | {1000 * p['median_s']:.2f} | {1000 * p['iqr_s'][0]:.2f}–"
+                f"{1000 * p['iqr_s'][1]:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(report["models"])
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
+    for ax, model_name in zip(axes[0], models):
+        result = report["models"][model_name]["methods"]
+        names = list(result)
+        ratios = [result[n]["ratio"] for n in names]
+        low = [max(0.0, r - result[n]["round_ratio_iqr"][0]) for n, r in zip(names, ratios)]
+        high = [max(0.0, result[n]["round_ratio_iqr"][1] - r) for n, r in zip(names, ratios)]
+        colors = ["tab:gray" if result[n]["base"] == n else "tab:blue" for n in names]
+        ax.barh(names, ratios, xerr=[low, high], color=colors, capsize=3)
+        for i, n in enumerate(names):
+            target = TARGETS.get((model_name, n))
+            if target is not None:
+                ax.plot([target, target], [i - 0.4, i + 0.4], color="tab:red", lw=2)
+        ax.axvline(1.0, color="black", lw=0.8, ls="--")
+        ax.invert_yaxis()
+        ax.set_xlabel("step time / base optimizer (median, IQR of rounds)")
+        ax.set_title(model_name)
+    fig.suptitle(f"keras_sam step-time ratios ({report['machine']['device']}); red = target")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.speed", description=__doc__.split("\n")[0]
+    )
+    common.add_common_flags(parser)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=None, help="default: all")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=None, help="steps per method per round")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (not timed)")
+    parser.add_argument(
+        "--rss-models", nargs="*", default=None, choices=list(MODELS),
+        help="models whose peak RSS is measured per method in subprocesses "
+        "(default: cnn; none with --quick)",
+    )
+    parser.add_argument(
+        "--pieces", nargs="*", default=None, choices=list(MODELS),
+        help="models whose step is timed piece by piece (default: cnn; none with --quick)",
+    )
+    parser.add_argument("--probe-rss", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.rounds = args.rounds or (2 if quick else 7)
+    args.steps = args.steps or (3 if quick else 10)
+    args.warmup = args.warmup or (2 if quick else 3)
+    if args.rss_models is None:
+        args.rss_models = [] if quick else ["cnn"]
+    if args.pieces is None:
+        args.pieces = [] if quick else ["cnn"]
+    return args, parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args, parser = parse_args(argv)
+    common.setup_backend(args.backend, parser)
+    device = common.setup_device(args.device, parser)
+    if args.probe_rss:
+        result = probe_rss(*args.probe_rss, args)
+        print("RSS_PROBE " + json.dumps(result), flush=True)
+        return result
+    methods = common.all_methods()
+    names = common.select_methods(args.methods, methods)
+    machine = common.machine_info(device)
+    print(f"speed benchmark on {device}; load {machine['load_average_1_5_15']}; "
+          f"methods {names}", flush=True)
+    start = time.perf_counter()
+    report: dict[str, Any] = {
+        "machine": machine,
+        "settings": {
+            "quick": args.quick, "rounds": args.rounds, "steps": args.steps,
+            "warmup": args.warmup, "jit_compile": True,
+            "learning_rates": {m: MODELS[m].learning_rate for m in args.models},
+        },
+        "methods": {
+            n: {"label": methods[n].label, "base": methods[n].base,
+                "rho": methods[n].default_rho, "extra": methods[n].extra}
+            for n in names
+        },
+        "targets": {f"{m}/{n}": t for (m, n), t in TARGETS.items()},
+        "models": {},
+    }
+    for model_name in args.models:
+        print(f"model {model_name}", flush=True)
+        report["models"][model_name] = time_model(MODELS[model_name], names, methods, args)
+        for name, r in report["models"][model_name]["methods"].items():
+            print(f"  {name:12s} {1000 * r['median_step_s']:8.2f} ms  ratio {r['ratio']:.3f}",
+                  flush=True)
+    if args.pieces:
+        report["pieces"] = {m: time_pieces(MODELS[m], args) for m in args.pieces}
+    if args.rss_models:
+        report["rss"] = run_rss_probes(args.rss_models, names, args)
+    report["machine"]["load_average_at_end"] = common.load_now()
+    report["wall_clock_s"] = time.perf_counter() - start
+    out = common.ensure_dir(args.out)
+    common.write_json(out / "speed.json", report)
+    (out / "speed.md").write_text(markdown(report) + "\n")
+    plot(report, out / "speed.png")
+    print(markdown(report))
+    print(f"\nwrote {out / 'speed.json'}, speed.md, speed.png in {report['wall_clock_s']:.0f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()
