@@ -112,15 +112,15 @@ def build_transformer(seed: int) -> Any:
     return keras.Model(tokens, outputs, name="transformer")
 
 
-def build_mlp(seed: int) -> Any:
-    """An MLP 784-1024-1024-1024-10 with ReLU."""
+def build_mlp(seed: int, width: int = 1024) -> Any:
+    """An MLP 784-1024-1024-1024-10 with ReLU (``width`` hidden units)."""
     import keras
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((784,))
     h = inputs
     for _ in range(3):
-        h = keras.layers.Dense(1024, activation="relu")(h)
+        h = keras.layers.Dense(width, activation="relu")(h)
     outputs = keras.layers.Dense(10)(h)
     return keras.Model(inputs, outputs, name="mlp")
 
@@ -159,11 +159,19 @@ MODELS: dict[str, ModelSpec] = {
     ),
 }
 
-QUICK_MODELS = {  # tiny shapes, so --quick compiles and runs in seconds
-    "cnn": 8,
-    "transformer": 8,
-    "mlp": 16,
-}
+QUICK_BATCH = 8  # --quick: tiny batches (and a narrow MLP), so it runs in seconds
+QUICK_DEFAULT_MODELS = ["mlp"]
+
+
+def _spec(name: str, quick: bool) -> ModelSpec:
+    spec = MODELS[name]
+    if not quick:
+        return spec
+    build = spec.build
+    if name == "mlp":
+        def build(seed: int) -> Any:
+            return build_mlp(seed, width=32)
+    return dataclasses.replace(spec, build=build, batch_size=QUICK_BATCH)
 
 
 # ---------------------------------------------------------------------- runners
@@ -205,7 +213,7 @@ class Runner:
 def time_model(
     spec: ModelSpec, names: Sequence[str], methods: dict, args: argparse.Namespace
 ) -> dict:
-    batch = spec.batch_size if not args.quick else QUICK_MODELS[spec.name]
+    batch = spec.batch_size
     data = spec.make_data(batch * 4, 0)
     gpu = common.uses_gpu()
     runners: dict[str, Runner] = {}
@@ -286,7 +294,7 @@ def time_pieces(spec: ModelSpec, args: argparse.Namespace) -> dict:
 
     from keras_sam import backend
 
-    batch = spec.batch_size if not args.quick else QUICK_MODELS[spec.name]
+    batch = spec.batch_size
     x, y = (tf.constant(t) for t in spec.make_data(batch, 1))
     model = spec.build(0)
     model.compile(
@@ -373,8 +381,8 @@ def time_pieces(spec: ModelSpec, args: argparse.Namespace) -> dict:
 def probe_rss(model_name: str, method_name: str, args: argparse.Namespace) -> dict:
     """Run inside a fresh subprocess: RSS after imports, and peak RSS after training."""
     methods = common.all_methods()
-    spec = MODELS[model_name]
-    batch = spec.batch_size if not args.quick else QUICK_MODELS[spec.name]
+    spec = _spec(model_name, args.quick)
+    batch = spec.batch_size
     data = spec.make_data(batch * 4, 0)
     baseline = common.current_rss_bytes()
     with warnings.catch_warnings():
@@ -519,7 +527,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
         prog="python -m benchmarks.speed", description=__doc__.split("\n")[0]
     )
     common.add_common_flags(parser)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--models", nargs="+", default=None, choices=list(MODELS),
+        help=f"default: all ({QUICK_DEFAULT_MODELS} with --quick)",
+    )
     parser.add_argument("--methods", nargs="+", default=None, help="default: all")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=None, help="steps per method per round")
@@ -536,6 +547,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
     parser.add_argument("--probe-rss", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
+    args.models = args.models or (QUICK_DEFAULT_MODELS if quick else list(MODELS))
     args.rounds = args.rounds or (2 if quick else 7)
     args.steps = args.steps or (3 if quick else 10)
     args.warmup = args.warmup or (2 if quick else 3)
@@ -577,12 +589,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     for model_name in args.models:
         print(f"model {model_name}", flush=True)
-        report["models"][model_name] = time_model(MODELS[model_name], names, methods, args)
+        report["models"][model_name] = time_model(_spec(model_name, args.quick), names, methods, args)
         for name, r in report["models"][model_name]["methods"].items():
             print(f"  {name:12s} {1000 * r['median_step_s']:8.2f} ms  ratio {r['ratio']:.3f}",
                   flush=True)
     if args.pieces:
-        report["pieces"] = {m: time_pieces(MODELS[m], args) for m in args.pieces}
+        report["pieces"] = {m: time_pieces(_spec(m, args.quick), args) for m in args.pieces}
     if args.rss_models:
         report["rss"] = run_rss_probes(args.rss_models, names, args)
     report["machine"]["load_average_at_end"] = common.load_now()

@@ -82,9 +82,13 @@ def _indent(line: str) -> int:
     return len(line) - len(line.lstrip())
 
 
+_LITERAL_MARKER = re.compile(r"(\S)::$", re.MULTILINE)
+
+
 def convert(text: str) -> str:
     """The Markdown rendering of one docstring."""
     text = _PLACEHOLDER.sub(_optimizer_kwargs, text)
+    text = _LITERAL_MARKER.sub(r"\1:", text)  # reST "text::" before an indented block
     return _roles(_math_blocks(text))
 
 

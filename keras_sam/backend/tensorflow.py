@@ -45,11 +45,12 @@ def all_reduce_sum(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
     return [None if t is None else next(reduced) for t in tensors]
 
 
-def apply_if_finite(optimizer: Any, grads: list, variables: list, finite: Tensor) -> None:
-    """``optimizer.apply(grads, variables)`` only where ``finite`` holds on every replica.
+def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
+    """``apply_fn(grads, variables)`` only where ``finite`` holds on every replica.
 
+    ``apply_fn`` is an optimizer's apply (it may all-reduce and `merge_call`).
     Under a strategy that needs `merge_call` (Mirrored, MultiWorkerMirrored) a
-    conditional around `apply` must run in cross-replica context, as Keras'
+    conditional around it must run in cross-replica context, as Keras'
     `LossScaleOptimizer` does; the replicas first agree on the flag, so they skip
     or step together and stay identical.
     """
@@ -59,7 +60,7 @@ def apply_if_finite(optimizer: Any, grads: list, variables: list, finite: Tensor
         or context.num_replicas_in_sync == 1
         or tf.__internal__.distribute.strategy_supports_no_merge_call()
     ):
-        ops.cond(finite, lambda: optimizer.apply(grads, variables), lambda: None)
+        ops.cond(finite, lambda: apply_fn(grads, variables), lambda: None)
         return
     failures = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, "float32"))
 
@@ -67,7 +68,7 @@ def apply_if_finite(optimizer: Any, grads: list, variables: list, finite: Tensor
         flag = distribution.experimental_local_results(failures)[0] < 0.5
 
         def step() -> None:
-            distribution.extended.call_for_each_replica(optimizer.apply, args=(grads, variables))
+            distribution.extended.call_for_each_replica(apply_fn, args=(grads, variables))
 
         ops.cond(flag, step, lambda: None)
 

@@ -170,7 +170,7 @@ class SharpnessAwareTrainer(keras.Model):
             return
         if not self.optimizer.built:
             self.optimizer.build(variables)
-        backend.apply_if_finite(self.optimizer, grads, variables, finite)
+        backend.apply_if_finite(self.optimizer.apply, grads, variables, finite)
 
     def _keep_state_of_skipped_step(self, state_before: list, finite: Any) -> None:
         """A skipped step also leaves BatchNorm statistics and RNG state as they were."""

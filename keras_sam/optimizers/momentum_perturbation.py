@@ -39,6 +39,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_sam import backend
+from keras_sam.ops import all_finite
 from keras_sam.rho import RhoLike, deserialize_rho, rho_at, serialize_rho, validate_rho
 
 _MISSING_CALLBACK_WARNING = (
@@ -190,11 +192,22 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ the step
     def apply(self, grads: Any, trainable_variables: Any = None) -> Any:
+        """One step; a step whose gradients are not all finite is skipped entirely.
+
+        NaN or inf in any gradient leaves weights, slots and the step counter as
+        they were (the check agrees across replicas), so no NaN ever reaches the
+        weights, with or without `LossScaleOptimizer`.
+        """
         grads = list(grads)
         if not grads:
             return super().apply(grads, trainable_variables)
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)
+        if not self.built and trainable_variables is not None:
+            self.build(trainable_variables)
+        backend.apply_if_finite(self._apply_finite, grads, trainable_variables, all_finite(grads))
+
+    def _apply_finite(self, grads: list, trainable_variables: Any) -> None:
         self._maybe_warn_missing_callback()
         # rho is a function of the number of real (update) steps taken before this one; the
         # learning rate schedule sees the same step when gradient accumulation is off.

@@ -1,0 +1,480 @@
+"""Test accuracy, cost and sharpness of every keras_sam method on digits with label noise.
+
+    python -m benchmarks.generalization              # full run (~25 min on 2 CPU cores)
+    python -m benchmarks.generalization --quick      # seconds (CI)
+
+Data: scikit-learn's 8×8 digits (shipped, no download), the split of
+``keras_sam.demo.load_digits``: 70 % train / 30 % test; the last 20 % of the training
+part is held out as a validation set. Training and validation labels are corrupted
+with symmetric label noise (0 %, 20 %, 40 %: a flipped label is uniform over the other
+classes); test labels are clean. With symmetric noise, expected noisy-label accuracy is
+an increasing affine function of clean accuracy, so ρ is chosen per method and noise
+level by the mean *validation* accuracy over seeds, never by the test set.
+
+Model: ``keras_sam.demo.build_model`` (a small CNN with BatchNorm; ``--model mlp`` for an
+MLP), batch 64, cosine learning-rate decay, ``jit_compile=True``. Every method is
+compiled once; ρ lives in a variable read through a ρ schedule, so one compiled step
+serves every ρ, noise level and seed: weights, optimizer slots, wrapper state and ρ
+are reset between runs. Momentum-SAM runs use ``MSAMCallback`` and recalibrate
+BatchNorm at the clean weights after training, as ``keras_sam.demo`` does.
+
+Reported per (noise, method, ρ): test accuracy mean ± std over seeds, validation
+accuracy, wall-clock cost of the training steps relative to the base optimizer on the
+same noise and seed (median over seeds), and the sharpness of the final weights
+(``benchmarks.sharpness``: loss increase along the normalized ascent direction at a
+fixed radius, and along random filter-normalized directions) on a fixed batch of
+training samples with their (noisy) training labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from benchmarks import common
+
+CHEAP = ("ksam", "layerwise", "msam", "adamw-msam")
+TARGET_FRACTION_OF_SAM_GAIN = 0.8
+
+
+def load_data(noise: float, seed: int) -> dict:
+    from keras_sam import demo
+
+    (x_train, y_train), (x_test, y_test), num_classes = demo.load_digits(noise, seed)
+    split = int(0.8 * len(x_train))
+    return {
+        "train": (x_train[:split], y_train[:split]),
+        "val": (x_train[split:], y_train[split:]),
+        "test": (x_test, y_test),
+        "num_classes": num_classes,
+    }
+
+
+def build_mlp(input_shape: Sequence[int], num_classes: int, seed: int) -> Any:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(tuple(input_shape))
+    h = keras.layers.Flatten()(inputs)
+    for _ in range(2):
+        h = keras.layers.Dense(128, activation="relu")(h)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(h), name="digits_mlp")
+
+
+def build(model_name: str, input_shape: Sequence[int], num_classes: int, seed: int) -> Any:
+    from keras_sam import demo
+
+    if model_name == "mlp":
+        return build_mlp(input_shape, num_classes, seed)
+    return demo.build_model(input_shape, num_classes, seed)
+
+
+class TrainTimer:
+    """Sums the wall time of training batches (validation is not counted)."""
+
+    def __init__(self) -> None:
+        import keras
+
+        class _Callback(keras.callbacks.Callback):
+            def __init__(inner) -> None:
+                super().__init__()
+                inner.total = 0.0
+                inner.steps = 0
+                inner._start = 0.0
+
+            def on_train_batch_begin(inner, batch: int, logs: Any = None) -> None:
+                inner._start = time.perf_counter()
+
+            def on_train_batch_end(inner, batch: int, logs: Any = None) -> None:
+                inner.total += time.perf_counter() - inner._start
+                inner.steps += 1
+
+        self.callback = _Callback()
+
+
+class MethodRun:
+    """One method compiled once; `run` trains from scratch for a given ρ, data and seed."""
+
+    def __init__(self, method: common.Method, args: argparse.Namespace, data: dict) -> None:
+        import keras
+
+        import keras_sam
+
+        self.method = method
+        self.args = args
+        x_train = data["train"][0]
+        self.model = build(args.model, x_train.shape[1:], data["num_classes"], 0)
+        self.rho = keras.Variable(
+            method.default_rho or 0.0, dtype="float32", trainable=False, name="bench_rho"
+        )
+        rho_variable = self.rho
+
+        def rho_schedule(step: Any) -> Any:
+            return rho_variable.value
+
+        steps = args.epochs * int(np.ceil(len(x_train) / args.batch_size))
+        lr = keras.optimizers.schedules.CosineDecay(
+            args.learning_rate[method.base], decay_steps=steps
+        )
+        self.trainer = method.wrap(self.model, rho_schedule)
+        self.trainer.compile(
+            optimizer=method.optimizer(lr, rho_schedule),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            jit_compile=True,
+        )
+        self.trainer.optimizer.build(self.trainer.trainable_variables)
+        own = {id(v) for v in self.model.variables}
+        self.wrapper_state = [
+            (v, np.array(v.numpy())) for v in self.trainer.variables if id(v) not in own
+        ]
+        self.optimizer_state = [
+            (v, np.array(v.numpy())) for v in self.trainer.optimizer.variables
+        ]
+        self.keras_sam = keras_sam
+        # Warm-up: trace and XLA-compile the full and the smaller last batch, the test
+        # step and predict, so that no timed run pays for compilation. `run` resets all state.
+        self.trainer.fit(*data["train"], batch_size=args.batch_size, epochs=1, verbose=0,
+                         validation_data=data["test"])
+        self.model.predict(data["test"][0][:300], batch_size=256, verbose=0)
+
+    def reset(self, init_weights: list, rho: float | None) -> None:
+        self.model.set_weights(init_weights)
+        for v, value in self.optimizer_state + self.wrapper_state:
+            v.assign(value)
+        self.rho.assign(rho or 0.0)
+
+    def run(self, data: dict, seed: int, rho: float | None, init_weights: list) -> dict:
+        import keras
+
+        self.reset(init_weights, rho)
+        keras.utils.set_random_seed(seed)
+        timer = TrainTimer()
+        callbacks = [timer.callback]
+        if self.method.momentum_sam:
+            callbacks = [
+                self.keras_sam.callbacks.MSAMCallback(),
+                timer.callback,
+                self.keras_sam.callbacks.BatchNormRecalibration(data["train"][0], batch_size=64),
+            ]
+        start = time.perf_counter()
+        history = self.trainer.fit(
+            *data["train"],
+            batch_size=self.args.batch_size,
+            epochs=self.args.epochs,
+            validation_data=data["test"],
+            shuffle=True,
+            verbose=0,
+            callbacks=callbacks,
+        )
+        fit_s = time.perf_counter() - start
+        from benchmarks.sharpness import sharpness
+
+        x_sharp, y_sharp = (t[: self.args.sharpness_samples] for t in data["train"])
+        measures = sharpness(
+            self.model, x_sharp, y_sharp, rho=self.args.sharpness_rho,
+            alpha=self.args.sharpness_alpha, num_random=self.args.sharpness_directions,
+            seed=seed,
+        )
+        return {
+            "test_accuracy": _accuracy(self.model, *data["test"]),
+            "val_accuracy": _accuracy(self.model, *data["val"]),
+            "train_accuracy_noisy": _accuracy(self.model, *data["train"]),
+            "train_time_s": timer.callback.total,
+            "train_steps": timer.callback.steps,
+            "fit_wall_s": fit_s,
+            "test_curve": [float(a) for a in history.history["val_accuracy"]],
+            "sharpness": measures,
+        }
+
+
+def _accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
+    logits = model.predict(x, batch_size=256, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=-1) == y))
+
+
+# ---------------------------------------------------------------------- aggregation
+def aggregate(runs: list[dict], methods: dict, names: Sequence[str], noises: Sequence[float]
+              ) -> dict:
+    """Grid statistics, the ρ chosen on validation accuracy, and the summary per noise."""
+    by_key: dict[tuple, list[dict]] = {}
+    for r in runs:
+        by_key.setdefault((r["noise"], r["method"], r["rho"]), []).append(r)
+    base_time = {
+        (r["noise"], r["seed"], r["method"]): r["train_time_s"]
+        for r in runs
+        if methods[r["method"]].base == r["method"]
+    }
+    grid = []
+    for (noise, name, rho), group in by_key.items():
+        test = [g["test_accuracy"] for g in group]
+        ratios = [
+            g["train_time_s"] / base_time[(noise, g["seed"], methods[name].base)]
+            for g in group
+            if (noise, g["seed"], methods[name].base) in base_time
+        ]
+        grid.append({
+            "noise": noise, "method": name, "rho": rho, "seeds": [g["seed"] for g in group],
+            "test_mean": float(np.mean(test)), "test_std": float(np.std(test)),
+            "val_mean": float(np.mean([g["val_accuracy"] for g in group])),
+            "train_noisy_mean": float(np.mean([g["train_accuracy_noisy"] for g in group])),
+            "cost_ratio": float(np.median(ratios)) if ratios else float("nan"),
+            "ascent_sharpness": float(np.mean([g["sharpness"]["ascent"] for g in group])),
+            "random_sharpness": float(np.mean([g["sharpness"]["random"] for g in group])),
+            "final_loss": float(np.mean([g["sharpness"]["loss"] for g in group])),
+            "test_curve": np.mean([g["test_curve"] for g in group], axis=0).tolist(),
+        })
+    summary: dict[str, dict] = {}
+    for noise in noises:
+        chosen = {}
+        for name in names:
+            rows = [g for g in grid if g["noise"] == noise and g["method"] == name]
+            if rows:
+                chosen[name] = max(rows, key=lambda g: (g["val_mean"], -(g["rho"] or 0)))
+        sam_gain = (
+            chosen["sam"]["test_mean"] - chosen["sgd"]["test_mean"]
+            if "sam" in chosen and "sgd" in chosen else float("nan")
+        )
+        rows = {}
+        for name, g in chosen.items():
+            base = chosen.get(methods[name].base)
+            gain = g["test_mean"] - base["test_mean"] if base else float("nan")
+            fraction = gain / sam_gain if sam_gain and np.isfinite(sam_gain) and sam_gain > 0 \
+                else float("nan")
+            rows[name] = {
+                **{k: v for k, v in g.items() if k not in ("test_curve",)},
+                "gain_over_base": gain,
+                "fraction_of_sam_gain": fraction if name != methods[name].base else None,
+                "meets_target": (
+                    bool(fraction >= TARGET_FRACTION_OF_SAM_GAIN)
+                    if name in CHEAP and np.isfinite(fraction) else None
+                ),
+                "test_curve": g["test_curve"],
+            }
+        summary[f"{noise:g}"] = {"sam_gain": sam_gain, "methods": rows}
+    return {"grid": grid, "summary": summary}
+
+
+# ---------------------------------------------------------------------- reporting
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    s = report["settings"]
+    methods = report["methods"]
+    lines = [
+        "# Generalization benchmark: digits with label noise",
+        "",
+        f"`{m['command']}` — {m['date']}, {m['device']}, load average (1/5/15 min) at start "
+        f"{m['load_average_1_5_15']}, total {report['wall_clock_s'] / 60:.1f} min.",
+        "",
+        f"Model `{s['model']}`, {s['epochs']} epochs, batch {s['batch_size']}, cosine LR "
+        f"(SGD-momentum {s['learning_rate']['sgd']}, AdamW {s['learning_rate']['adamw']}), "
+        f"seeds {s['seeds']}, XLA. ρ chosen per method and noise by mean validation "
+        "accuracy (noisy labels). Cost = training-step wall time / base optimizer's, same "
+        "noise and seed (median). Sharpness on "
+        f"{s['sharpness_samples']} training samples (their noisy labels), inference mode: "
+        f"ascent = L(w + ρ g/‖g‖) − L(w) at ρ = {s['sharpness_rho']}; random = mean "
+        f"L(w + α d) − L(w) over {s['sharpness_directions']} filter-normalized Gaussian "
+        f"directions, α = {s['sharpness_alpha']}.",
+        "",
+    ]
+    for noise, block in report["summary"].items():
+        lines += [
+            f"## Label noise {float(noise):.0%} (SAM's gain over SGD: "
+            f"{100 * block['sam_gain']:+.2f} points)",
+            "",
+            "| method | ρ | test accuracy (%) | gain over base | of SAM's gain | cost | "
+            "ascent sharpness | random sharpness |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in block["methods"].items():
+            fraction = r["fraction_of_sam_gain"]
+            if fraction is None:
+                frac_text = ""
+            elif not np.isfinite(fraction):
+                frac_text = "n/a"
+            else:
+                mark = {True: " ✅", False: " ❌", None: ""}[r["meets_target"]]
+                frac_text = f"{100 * fraction:.0f} %{mark}"
+            rho = "" if r["rho"] is None else f"{r['rho']:g}"
+            gain = "" if methods[name]["base"] == name else f"{100 * r['gain_over_base']:+.2f}"
+            lines.append(
+                f"| {methods[name]['label']} | {rho} | {100 * r['test_mean']:.2f} ± "
+                f"{100 * r['test_std']:.2f} | {gain} | {frac_text} | {r['cost_ratio']:.2f}× "
+                f"| {r['ascent_sharpness']:.4f} | {r['random_sharpness']:.4f} |"
+            )
+        lines.append("")
+    lines += [
+        "## Full grid",
+        "",
+        "| noise | method | ρ | test accuracy (%) | validation (%) | train, noisy labels (%) "
+        "| cost | ascent sharpness | random sharpness |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in report["grid"]:
+        rho = "" if g["rho"] is None else f"{g['rho']:g}"
+        lines.append(
+            f"| {g['noise']:.0%} | {methods[g['method']]['label']} | {rho} "
+            f"| {100 * g['test_mean']:.2f} ± {100 * g['test_std']:.2f} | {100 * g['val_mean']:.2f} "
+            f"| {100 * g['train_noisy_mean']:.2f} | {g['cost_ratio']:.2f}× "
+            f"| {g['ascent_sharpness']:.4f} | {g['random_sharpness']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict, out: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    noises = list(report["summary"])
+    labels = {n: m["label"] for n, m in report["methods"].items()}
+    fig, axes = plt.subplots(1, len(noises), figsize=(5.2 * len(noises), 4.2), squeeze=False)
+    for ax, noise in zip(axes[0], noises):
+        for i, (name, r) in enumerate(report["summary"][noise]["methods"].items()):
+            marker = "s" if report["methods"][name]["base"] == name else "o"
+            ax.errorbar(r["cost_ratio"], 100 * r["test_mean"], yerr=100 * r["test_std"],
+                        fmt=marker, color=f"C{i}", capsize=3, label=labels[name])
+        ax.set_xlabel("training cost / base optimizer")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"label noise {float(noise):.0%}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Accuracy vs cost (ρ chosen on validation; mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "generalization_tradeoff.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(noises), figsize=(5.2 * len(noises), 4.2), squeeze=False)
+    for ax, noise in zip(axes[0], noises):
+        for i, (name, r) in enumerate(report["summary"][noise]["methods"].items()):
+            style = "--" if report["methods"][name]["base"] == name else "-"
+            curve = 100 * np.asarray(r["test_curve"])
+            ax.plot(np.arange(1, len(curve) + 1), curve, style, color=f"C{i}",
+                    label=labels[name])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"label noise {float(noise):.0%}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Test accuracy during training (mean over seeds, chosen ρ)")
+    fig.tight_layout()
+    fig.savefig(out / "generalization_curves.png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.generalization", description=__doc__.split("\n")[0]
+    )
+    common.add_common_flags(parser)
+    parser.add_argument("--methods", nargs="+", default=None, help="default: all")
+    parser.add_argument("--model", default="cnn", choices=("cnn", "mlp"))
+    parser.add_argument("--noise", nargs="+", type=float, default=None,
+                        help="label-noise fractions (default 0 0.2 0.4; 0.2 with --quick)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="default 0 1 2 (0 with --quick)")
+    parser.add_argument("--epochs", type=int, default=None, help="default 30 (2 with --quick)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--sgd-lr", type=float, default=0.05)
+    parser.add_argument("--adamw-lr", type=float, default=3e-3)
+    parser.add_argument("--default-rho-only", action="store_true",
+                        help="one ρ per method (its default) instead of the grid")
+    parser.add_argument("--sharpness-rho", type=float, default=0.05)
+    parser.add_argument("--sharpness-alpha", type=float, default=0.1)
+    parser.add_argument("--sharpness-directions", type=int, default=None,
+                        help="default 5 (1 with --quick)")
+    parser.add_argument("--sharpness-samples", type=int, default=512)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.noise = args.noise if args.noise is not None else ([0.2] if quick else [0.0, 0.2, 0.4])
+    args.seeds = args.seeds if args.seeds is not None else ([0] if quick else [0, 1, 2])
+    args.epochs = args.epochs or (2 if quick else 30)
+    args.sharpness_directions = args.sharpness_directions or (1 if quick else 5)
+    args.default_rho_only = args.default_rho_only or quick
+    args.learning_rate = {"sgd": args.sgd_lr, "adamw": args.adamw_lr}
+    if any(not 0.0 <= n < 1.0 for n in args.noise):
+        parser.error("--noise values must be in [0, 1)")
+    return args, parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args, parser = parse_args(argv)
+    common.setup_backend(args.backend, parser)
+    device = common.setup_device(args.device, parser)
+    import keras
+
+    methods = common.all_methods()
+    names = common.select_methods(args.methods, methods)
+    machine = common.machine_info(device)
+    print(f"generalization benchmark on {device}; load {machine['load_average_1_5_15']}; "
+          f"methods {names}", flush=True)
+    start = time.perf_counter()
+    datasets = {(n, s): load_data(n, s) for n in args.noise for s in args.seeds}
+    first = datasets[(args.noise[0], args.seeds[0])]
+    shape, classes = first["train"][0].shape[1:], first["num_classes"]
+    init = {s: build(args.model, shape, classes, s).get_weights() for s in args.seeds}
+    runs: list[dict] = []
+    compile_s = {}
+    for name in names:
+        method = methods[name]
+        rhos = [None] if method.default_rho is None else (
+            [method.default_rho] if args.default_rho_only else list(method.rho_grid)
+        )
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runner = MethodRun(method, args, first)
+        compile_s[name] = time.perf_counter() - t0
+        for rho in rhos:
+            for noise in args.noise:
+                for seed in args.seeds:
+                    data = datasets[(noise, seed)]
+                    result = runner.run(data, seed, rho, init[seed])
+                    result.update({"method": name, "rho": rho, "noise": noise, "seed": seed})
+                    runs.append(result)
+                    print(f"  {name:11s} rho={rho!s:5s} noise={noise:.0%} seed={seed}: "
+                          f"test {100 * result['test_accuracy']:.2f} %, "
+                          f"train {result['train_time_s']:.2f} s", flush=True)
+        del runner
+        keras.backend.clear_session()
+    report = {
+        "machine": machine,
+        "settings": {
+            "quick": args.quick, "model": args.model, "epochs": args.epochs,
+            "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+            "noise": args.noise, "seeds": args.seeds,
+            "sharpness_rho": args.sharpness_rho, "sharpness_alpha": args.sharpness_alpha,
+            "sharpness_directions": args.sharpness_directions,
+            "sharpness_samples": args.sharpness_samples,
+            "split": "digits 70/30 train/test (keras_sam.demo), last 20 % of train = validation",
+        },
+        "methods": {
+            n: {"label": methods[n].label, "base": methods[n].base,
+                "rho_grid": list(methods[n].rho_grid), "extra": methods[n].extra}
+            for n in names
+        },
+        "compile_s": compile_s,
+        "runs": runs,
+    }
+    report.update(aggregate(runs, methods, names, args.noise))
+    report["machine"]["load_average_at_end"] = common.load_now()
+    report["wall_clock_s"] = time.perf_counter() - start
+    out = common.ensure_dir(args.out)
+    common.write_json(out / "generalization.json", report)
+    (out / "generalization.md").write_text(markdown(report) + "\n")
+    plot(report, out)
+    print(markdown(report).split("## Full grid")[0])
+    print(f"wrote {out / 'generalization.json'}, generalization.md and PNGs in "
+          f"{report['wall_clock_s'] / 60:.1f} min")
+    return report
+
+
+if __name__ == "__main__":
+    main()
