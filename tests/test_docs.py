@@ -56,5 +56,5 @@ def test_mkdocs_build_strict(tmp_path):
     ):
         assert (site / page).is_file(), page
     api = (site / "api" / "wrappers" / "index.html").read_text(encoding="utf-8")
-    for name in ("SAM", "ASAM", "KSAM", "models.layerwise.LayerwiseSAM", "SharpnessAwareTrainer"):
+    for name in ("SAM", "ASAM", "KSAM", "LayerwiseSAM", "SharpnessAwareTrainer"):
         assert f'id="keras_sam.{name}"' in api, f"API reference lacks keras_sam.{name}"

@@ -1,16 +1,23 @@
 """The few backend-specific pieces: computing losses and gradients.
 
 Everything else in keras_sam is written with `keras.ops` and runs unchanged on
-every backend; this package picks the implementation for the active one.
+every backend; this package picks the implementation for the active one
+(TensorFlow or JAX). On other backends (PyTorch) importing `keras_sam` works
+(the Momentum-SAM optimizers need none of this), and constructing a train-step
+wrapper raises `NotImplementedError` (`check_supported`).
 """
+
+from typing import Any
 
 import keras
 
 _BACKEND = keras.backend.backend()
+SUPPORTED_BACKENDS = ("tensorflow", "jax")
 
 if _BACKEND == "tensorflow":
     from keras_sam.backend.tensorflow import (
         all_reduce_sum,
+        apply_gradients,
         apply_if_finite,
         forward_and_gradients,
         forward_and_sample_scores,
@@ -18,22 +25,63 @@ if _BACKEND == "tensorflow":
         loss_scale,
         num_replicas,
         snapshot,
+        stateful_train_step,
+        stateless_gradients,
+    )
+elif _BACKEND == "jax":
+    from keras_sam.backend.jax import (
+        all_reduce_sum,
+        apply_gradients,
+        apply_if_finite,
+        forward_and_gradients,
+        forward_and_sample_scores,
+        forward_and_switched_gradients,
+        loss_scale,
+        num_replicas,
+        snapshot,
+        stateful_train_step,
         stateless_gradients,
     )
 else:
-    raise ImportError(
-        f"keras_sam's train-step wrappers support the TensorFlow backend; the active Keras "
-        f"backend is {_BACKEND!r}. Set KERAS_BACKEND=tensorflow before importing keras."
+    from keras_sam.backend.unsupported import (
+        all_reduce_sum,
+        apply_gradients,
+        apply_if_finite,
+        forward_and_gradients,
+        forward_and_sample_scores,
+        forward_and_switched_gradients,
+        loss_scale,
+        num_replicas,
+        snapshot,
+        stateful_train_step,
+        stateless_gradients,
     )
 
+
+def check_supported(what: Any) -> None:
+    """Raises `NotImplementedError` when ``what`` cannot train on the active backend."""
+    if _BACKEND not in SUPPORTED_BACKENDS:
+        name = what if isinstance(what, str) else type(what).__name__
+        raise NotImplementedError(
+            f"{name} supports the TensorFlow and JAX backends; the active Keras backend "
+            f"is {_BACKEND!r}. Set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax before "
+            "importing keras. (The Momentum-SAM optimizers, keras_sam.optimizers.MSAM and "
+            "AdamWMSAM, need no backend-specific code.)"
+        )
+
+
 __all__ = [
+    "SUPPORTED_BACKENDS",
     "all_reduce_sum",
+    "apply_gradients",
     "apply_if_finite",
+    "check_supported",
     "forward_and_gradients",
     "forward_and_sample_scores",
     "forward_and_switched_gradients",
     "loss_scale",
     "num_replicas",
     "snapshot",
+    "stateful_train_step",
     "stateless_gradients",
 ]

@@ -75,6 +75,16 @@ def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) 
     context.merge_call(cross_replica, args=(grads, failures))
 
 
+def apply_gradients(optimizer: Any, grads: list, variables: Sequence[Any]) -> None:
+    """``optimizer.apply(grads, variables)`` (it all-reduces under `tf.distribute`)."""
+    optimizer.apply(grads, variables)
+
+
+def stateful_train_step(step: Any) -> Any:
+    """Identity: the TensorFlow trainer calls ``train_step(data)`` on stateful variables."""
+    return step
+
+
 def loss_scale(optimizer: Any) -> Tensor:
     """The factor `optimizer.scale_loss` multiplies a loss by (1 without scaling)."""
     return ops.cast(optimizer.scale_loss(tf.constant(1.0)), "float32")

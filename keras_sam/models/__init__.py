@@ -5,5 +5,6 @@ from keras_sam.models.base import SharpnessAwareTrainer
 from keras_sam.models.ksam import KSAM
 from keras_sam.models.layerwise import LayerwiseSAM
 from keras_sam.models.sam import SAM
+from keras_sam.models.wrapper import ModelWrapper
 
-__all__ = ["ASAM", "KSAM", "SAM", "LayerwiseSAM", "SharpnessAwareTrainer"]
+__all__ = ["ASAM", "KSAM", "SAM", "LayerwiseSAM", "ModelWrapper", "SharpnessAwareTrainer"]

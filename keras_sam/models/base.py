@@ -25,6 +25,7 @@ from keras import ops
 
 from keras_sam import backend
 from keras_sam import rho as rho_lib
+from keras_sam.models.wrapper import ModelWrapper
 from keras_sam.ops import add_perturbation, all_finite, dual_vector
 
 PERTURBATION_SCOPES = ("replica", "global")
@@ -47,7 +48,7 @@ class Ascent(NamedTuple):
     batch: tuple
 
 
-class SharpnessAwareTrainer(keras.Model):
+class SharpnessAwareTrainer(ModelWrapper):
     """Base class of the train-step wrappers (SAM and its variants).
 
     Wraps any `keras.Model`; `call`, `evaluate`, `predict` and saving behave as
@@ -77,34 +78,21 @@ class SharpnessAwareTrainer(keras.Model):
         perturbation_scope: str = "replica",
         **kwargs: Any,
     ) -> None:
-        if not isinstance(model, keras.Model):
-            raise TypeError(
-                f"`model` must be a keras.Model, got {type(model).__name__}. Wrap layers "
-                "in keras.Sequential or a functional model first."
-            )
         if perturbation_scope not in PERTURBATION_SCOPES:
             raise ValueError(
                 f"`perturbation_scope` must be one of {PERTURBATION_SCOPES}, "
                 f"got {perturbation_scope!r}."
             )
         rho = rho_lib.validate_rho(rho)
-        super().__init__(**kwargs)
-        self.model = model
+        backend.check_supported(self)  # PyTorch: a clear NotImplementedError
+        super().__init__(model, **kwargs)
         self.rho = rho
         self.perturbation_scope = perturbation_scope
-        if model.built:
-            self.built = True
-
-    # ------------------------------------------------------------------ model API
-    def call(self, inputs: Any, training: bool | None = None) -> Any:
-        return self.model(inputs, training=training)
-
-    def build(self, input_shape: Any = None) -> None:
-        if not self.model.built and input_shape is not None:
-            self.model.build(input_shape)
-        self.built = True
 
     # ------------------------------------------------------------------ the step
+    # JAX: fit calls train_step(state, data) -> (logs, state); the decorator runs this
+    # stateful step in a StatelessScope over the state (identity on TensorFlow).
+    @backend.stateful_train_step
     def train_step(self, data: Any) -> dict:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         state_before = backend.snapshot(self.non_trainable_variables)
@@ -122,7 +110,8 @@ class SharpnessAwareTrainer(keras.Model):
         self._apply(sam_grads, finite)
         self.after_step(sam_grads)
         self._keep_state_of_skipped_step(state_before, finite)
-        return self.compute_metrics(x, y, ascent.y_pred, sample_weight=sample_weight)
+        logs = self.compute_metrics(x, y, ascent.y_pred, sample_weight=sample_weight)
+        return self._distributable_logs(logs)
 
     # ------------------------------------------------------------------ hooks
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
@@ -166,7 +155,7 @@ class SharpnessAwareTrainer(keras.Model):
         """
         variables = self.trainable_variables
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            self.optimizer.apply(grads, variables)
+            backend.apply_gradients(self.optimizer, grads, variables)  # JAX-safe apply
             return
         if not self.optimizer.built:
             self.optimizer.build(variables)
@@ -180,20 +169,12 @@ class SharpnessAwareTrainer(keras.Model):
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(
-            {
-                "model": keras.saving.serialize_keras_object(self.model),
-                "rho": rho_lib.serialize_rho(self.rho),
-                "perturbation_scope": self.perturbation_scope,
-            }
-        )
+        config["rho"] = rho_lib.serialize_rho(self.rho)
+        config["perturbation_scope"] = self.perturbation_scope
         return config
 
     @classmethod
     def from_config(cls, config: dict, custom_objects: Any = None) -> SharpnessAwareTrainer:
         config = dict(config)
-        config["model"] = keras.saving.deserialize_keras_object(
-            config["model"], custom_objects=custom_objects
-        )
         config["rho"] = rho_lib.deserialize_rho(config["rho"])
-        return cls(**config)
+        return super().from_config(config, custom_objects=custom_objects)

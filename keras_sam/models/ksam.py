@@ -7,6 +7,7 @@ import numbers
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops, tree
 
 from keras_sam import backend
@@ -88,7 +89,17 @@ class KSAM(SharpnessAwareTrainer):
         return Ascent(loss, y_pred, grads, batch)
 
     def num_chosen(self, batch_size: Any) -> Any:
-        """k for a batch of ``batch_size`` samples (int or scalar tensor)."""
+        """k for a batch of ``batch_size`` samples (int or scalar tensor).
+
+        A static (Python int) batch size gives a Python int, as `jax.jit` needs
+        (shapes are static there); a dynamic one (TensorFlow) a scalar tensor.
+        The float32 rounding is the same either way.
+        """
+        if isinstance(batch_size, numbers.Integral):
+            if isinstance(self.k, int):
+                return min(self.k, int(batch_size))
+            count = np.round(np.float32(batch_size) * np.float32(self.k))
+            return max(int(count), 1)
         if isinstance(self.k, int):
             return ops.minimum(self.k, batch_size)
         count = ops.round(ops.cast(batch_size, "float32") * self.k)

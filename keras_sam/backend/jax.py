@@ -1,0 +1,415 @@
+"""JAX implementations of the backend-specific gradient functions.
+
+Keras' JAX trainer is stateless: `fit` calls ``train_step(state, data)`` with the
+values of every variable and expects ``(logs, new_state)`` back, and it
+`jax.jit`-compiles that function. keras_sam's step skeleton
+(`SharpnessAwareTrainer.train_step`) is written once, statefully: it reads
+``v.value`` and calls ``v.assign``. `stateful_train_step` runs it inside a
+`keras.StatelessScope` that maps every variable of the state to its value, so
+reads see the state, assignments are collected, and the collected values are the
+new state. The hooks (`ascent`, `perturbation`, `after_step`) and the `keras.ops`
+math therefore run unchanged on JAX.
+
+The functions below have the TensorFlow versions' contracts; "stateful" here
+means "assigns to variables in the current scope":
+
+* the **clean pass** differentiates a pure function (`stateless_call` +
+  `stateless_compute_loss` at the current values) with `jax.value_and_grad`, then
+  assigns the new non-trainable state (BatchNorm statistics, RNG seeds) and the
+  per-output loss metrics, once;
+* a **stateless pass** differentiates the same pure function at given values and
+  writes nothing.
+
+Losses are multiplied by the optimizer's loss scale before differentiation;
+gradients are returned scaled, as on TensorFlow.
+
+Distribution: with `keras.distribution.DataParallel`, `jax.jit` compiles one SPMD
+program for the global batch, so every gradient seen here is already the
+global-batch gradient. `num_replicas` is 1 and `all_reduce_sum` is the identity;
+the perturbation is that of one device on the global batch
+(``perturbation_scope="global"``). Per-device perturbations
+(``"replica"``, m-sharpness) are not implemented on JAX: `stateful_train_step`
+warns when they are asked for on more than one device.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import keras
+from keras import ops, tree
+
+Tensor = Any
+
+_REPLICA_SCOPE_WARNING = (
+    "{name}: perturbation_scope='replica' (per-device perturbations, m-sharpness) is not "
+    "implemented on the JAX backend. Under keras.distribution.{distribution} over {devices} "
+    "devices the jit-compiled step sees the global-batch gradient, so the perturbation is "
+    "computed from the whole global batch, exactly as with perturbation_scope='global' "
+    "(one device on the global batch). Pass perturbation_scope='global' to silence this "
+    "warning."
+)
+
+
+# --------------------------------------------------------------------------- the step
+def stateful_train_step(step: Callable[[Any, Any], dict]) -> Callable[..., Any]:
+    """Turns a stateful ``step(trainer, data) -> logs`` into Keras' JAX train step.
+
+    The returned ``train_step(trainer, state, data) -> (logs, new_state)`` maps
+    ``state = (trainable, non_trainable, optimizer, metrics)`` values onto the
+    trainer's variables in a `keras.StatelessScope`, runs ``step`` and returns the
+    values the variables hold at its end.
+    """
+
+    @functools.wraps(step)
+    def train_step(trainer: Any, state: Any, data: Any) -> tuple[dict, tuple]:
+        _check_perturbation_scope(trainer)
+        groups = _state_variables(trainer)
+        mapping = [
+            (variable, value)
+            for variables, values in zip(groups, state)
+            for variable, value in zip(variables, values)
+        ]
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            logs = step(trainer, data)
+        new_state = tuple(
+            [scope.get_current_value(v) for v in variables] for variables in groups
+        )
+        return logs, new_state
+
+    return train_step
+
+
+def _state_variables(trainer: Any) -> tuple[list, list, list, list]:
+    """The variable lists of Keras' JAX train-step state, in its order."""
+    return (
+        list(trainer.trainable_variables),
+        list(trainer.non_trainable_variables),
+        list(trainer.optimizer.variables),
+        list(trainer.metrics_variables),
+    )
+
+
+def _check_perturbation_scope(trainer: Any) -> None:
+    """Warns (at trace time) when per-device perturbations are asked for on >1 device."""
+    if getattr(trainer, "perturbation_scope", "global") != "replica":
+        return
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return
+    devices = int(distribution.device_mesh.devices.size)
+    if devices > 1:
+        warnings.warn(
+            _REPLICA_SCOPE_WARNING.format(
+                name=type(trainer).__name__,
+                distribution=type(distribution).__name__,
+                devices=devices,
+            ),
+            stacklevel=3,
+        )
+
+
+# --------------------------------------------------------------------------- simple pieces
+def snapshot(variables: Sequence[Any]) -> list[Tensor]:
+    """The current values of ``variables`` (JAX arrays are immutable)."""
+    return [v.value for v in variables]
+
+
+def num_replicas() -> int:
+    """1: under `keras.distribution` the jit-compiled step computes the global loss."""
+    return 1
+
+
+def all_reduce_sum(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Identity: SPMD gradients are already global-batch gradients."""
+    return list(tensors)
+
+
+def loss_scale(optimizer: Any) -> Tensor:
+    """The factor `optimizer.scale_loss` multiplies a loss by (1 without scaling)."""
+    return ops.cast(optimizer.scale_loss(ops.convert_to_tensor(1.0)), "float32")
+
+
+class _OverlayScope(keras.StatelessScope):
+    """A `StatelessScope` that reads through to the enclosing scope (or the variables).
+
+    Assignments made inside stay in this scope; `updated` lists the variables
+    assigned, in order, so a caller can decide what to keep.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.updated: dict[int, Any] = {}
+
+    def __enter__(self) -> _OverlayScope:
+        super().__enter__()
+        self._outer = self.original_scope
+        return self
+
+    def add_update(self, update: Any) -> None:
+        variable, _ = update
+        self.updated[id(variable)] = variable
+        super().add_update(update)
+
+    def get_current_value(self, variable: Any) -> Any:
+        value = self.state_mapping.get(id(variable))
+        if value is not None:
+            return value
+        if self._outer is not None:
+            value = self._outer.get_current_value(variable)
+            if value is not None:
+                return value
+        return variable._value
+
+    def outer_value(self, variable: Any) -> Any:
+        """The variable's value outside this scope."""
+        if self._outer is not None:
+            value = self._outer.get_current_value(variable)
+            if value is not None:
+                return value
+        return variable._value
+
+
+def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
+    """``apply_fn(grads, variables)`` only where ``finite`` holds.
+
+    ``apply_fn`` runs in a scope that collects its assignments; each assigned
+    variable then receives ``where(finite, new, old)``. Under `jax.jit` both
+    outcomes are computed (no data-dependent control flow with side effects), and
+    a skipped step leaves every variable bit-for-bit as it was.
+    """
+    with _OverlayScope() as scope:
+        apply_fn(grads, variables)
+    for variable in scope.updated.values():
+        old = scope.outer_value(variable)
+        new = scope.state_mapping[id(variable)]
+        variable.assign(ops.where(finite, new, old))
+
+
+def apply_gradients(optimizer: Any, grads: list, variables: Sequence[Any]) -> None:
+    """``optimizer.apply(grads, variables)`` through `stateless_apply`.
+
+    `LossScaleOptimizer.apply` branches with `ops.cond` around assignments, which
+    only works statefully; its `stateless_apply` is the JAX-safe equivalent.
+    """
+    if not optimizer.built:
+        optimizer.build(variables)
+    optimizer_values = [v.value for v in optimizer.variables]
+    trainable_values = [v.value for v in optimizer._trainable_variables]
+    new_trainable, new_optimizer = optimizer.stateless_apply(
+        optimizer_values, grads, trainable_values
+    )
+    for variable, value in zip(optimizer._trainable_variables, new_trainable):
+        variable.assign(value)
+    for variable, value in zip(optimizer.variables, new_optimizer):
+        variable.assign(value)
+
+
+# --------------------------------------------------------------------------- passes
+def _pure_loss(
+    trainer: Any,
+    trainable_values: list,
+    non_trainable_values: list,
+    metrics_values: list,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+) -> tuple[Tensor, Any, list, list]:
+    """Training-mode forward and compiled loss at the given values; writes nothing.
+
+    Returns ``(loss, y_pred, new_non_trainable_values, new_metrics_values)``.
+    """
+    y_pred, non_trainable_values, losses = trainer.stateless_call(
+        trainable_values, non_trainable_values, x, training=True, return_losses=True
+    )
+    trainer._losses_override = list(losses)
+    try:
+        loss, (_, non_trainable_values, metrics_values) = trainer.stateless_compute_loss(
+            trainable_values,
+            non_trainable_values,
+            metrics_values,
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            training=True,
+        )
+    finally:
+        trainer._losses_override = []
+    return loss, y_pred, non_trainable_values, metrics_values
+
+
+def _current(trainer: Any) -> tuple[list, list, list]:
+    return (
+        [v.value for v in trainer.trainable_variables],
+        [v.value for v in trainer.non_trainable_variables],
+        [v.value for v in trainer.metrics_variables],
+    )
+
+
+def _commit_clean_state(trainer: Any, non_trainable_values: list, metrics_values: list) -> None:
+    """Writes what the clean pass changed: BatchNorm statistics, RNG seeds, loss metrics."""
+    for variable, value in zip(trainer.non_trainable_variables, non_trainable_values):
+        variable.assign(value)
+    for variable, value in zip(trainer.metrics_variables, metrics_values):
+        variable.assign(value)
+
+
+def _clean_value_and_grad(
+    trainer: Any, x: Any, y: Any, sample_weight: Any, positions: Sequence[int]
+) -> Callable[[], tuple]:
+    """A pure function: the clean pass and the gradients w.r.t. ``positions``.
+
+    Returns ``(loss, y_pred, new_ntv, new_mv, grads)`` with ``grads`` aligned with
+    ``positions``.
+    """
+    trainable, non_trainable, metrics = _current(trainer)
+
+    def loss_fn(chosen: list) -> tuple[Tensor, tuple]:
+        values = list(trainable)
+        for position, value in zip(positions, chosen):
+            values[position] = value
+        loss, y_pred, ntv, mv = _pure_loss(
+            trainer, values, non_trainable, metrics, x, y, sample_weight
+        )
+        return trainer.optimizer.scale_loss(loss), (loss, y_pred, ntv, mv)
+
+    def run() -> tuple:
+        (_, (loss, y_pred, ntv, mv)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            [trainable[p] for p in positions]
+        )
+        return loss, y_pred, ntv, mv, list(grads)
+
+    return run
+
+
+def _positions(trainer: Any, wrt: Sequence[Any]) -> list[int]:
+    index = {id(v): i for i, v in enumerate(trainer.trainable_variables)}
+    missing = [v.path for v in wrt if id(v) not in index]
+    if missing:
+        raise ValueError(f"Not trainable variables of the trainer: {missing}.")
+    return [index[id(v)] for v in wrt]
+
+
+def forward_and_gradients(
+    trainer: Any, x: Any, y: Any, sample_weight: Any, wrt: Sequence[Any]
+) -> tuple[Tensor, Any, list[Tensor | None]]:
+    """Clean pass: loss, predictions and gradients of the scaled loss w.r.t. ``wrt``.
+
+    Only the cotangents that lead to ``wrt`` are computed, so asking for the
+    gradients of a few top layers stops backpropagation at the lowest of them.
+    """
+    loss, y_pred, ntv, mv, grads = _clean_value_and_grad(
+        trainer, x, y, sample_weight, _positions(trainer, wrt)
+    )()
+    _commit_clean_state(trainer, ntv, mv)
+    return loss, y_pred, grads
+
+
+def forward_and_switched_gradients(
+    trainer: Any,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    wrt: Sequence[Any],
+    branches: Sequence[Sequence[int]],
+    index: Tensor,
+) -> tuple[Tensor, Any, list[Tensor]]:
+    """Clean pass, then gradients w.r.t. one of several subsets of ``wrt``, picked at run time.
+
+    Same contract as the TensorFlow version. Each branch is one
+    `jax.value_and_grad` w.r.t. its own variables (its backward stops at the
+    lowest of them) and `jax.lax.switch` runs only the chosen branch; ``index`` is
+    data, so changing it never recompiles.
+    """
+    wrt = list(wrt)
+    positions = _positions(trainer, wrt)
+
+    def make_branch(members: Sequence[int]) -> Callable[[], tuple]:
+        run = _clean_value_and_grad(trainer, x, y, sample_weight, [positions[i] for i in members])
+
+        def branch() -> tuple:
+            loss, y_pred, ntv, mv, computed = run()
+            grads = [ops.zeros(v.shape, v.dtype) for v in wrt]
+            for i, g in zip(members, computed):
+                grads[i] = g
+            return loss, y_pred, ntv, mv, grads
+
+        return branch
+
+    if len(branches) == 1:
+        result = make_branch(branches[0])()
+    else:
+        functions = [make_branch(b) for b in branches]
+        result = jax.lax.switch(index, [lambda _, f=f: f() for f in functions], None)
+    loss, y_pred, ntv, mv, grads = result
+    _commit_clean_state(trainer, ntv, mv)
+    return loss, y_pred, list(grads)
+
+
+def forward_and_sample_scores(
+    trainer: Any, x: Any, y: Any, sample_weight: Any
+) -> tuple[Tensor, Any, Tensor]:
+    """Clean pass without weight gradients: loss, predictions, per-sample scores.
+
+    Same contract as the TensorFlow version: the score of sample i is ∂loss/∂s_i
+    at s = 1, where every sample weight is multiplied by s_i.
+    """
+    trainable, non_trainable, metrics = _current(trainer)
+    batch_size = ops.shape(tree.flatten(x)[0])[0]
+
+    def loss_fn(unit: Tensor) -> tuple[Tensor, tuple]:
+        weighted = _multiply_sample_weight(sample_weight, unit)
+        loss, y_pred, ntv, mv = _pure_loss(
+            trainer, trainable, non_trainable, metrics, x, y, weighted
+        )
+        return loss, (y_pred, ntv, mv)
+
+    (loss, (y_pred, ntv, mv)), scores = jax.value_and_grad(loss_fn, has_aux=True)(
+        ops.ones((batch_size,), "float32")
+    )
+    _commit_clean_state(trainer, ntv, mv)
+    return loss, y_pred, scores
+
+
+def stateless_gradients(
+    trainer: Any,
+    trainable_values: Sequence[Tensor],
+    non_trainable_values: Sequence[Tensor],
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+) -> tuple[Tensor, list[Tensor | None]]:
+    """Loss and gradients w.r.t. all trainable variables, evaluated at the given values.
+
+    Nothing is written: BatchNorm statistics, RNG state and metrics are left as
+    they are.
+    """
+    non_trainable_values = list(non_trainable_values)
+    metrics = [v.value for v in trainer.metrics_variables]
+
+    def loss_fn(values: list) -> tuple[Tensor, Tensor]:
+        loss, _, _, _ = _pure_loss(
+            trainer, values, non_trainable_values, metrics, x, y, sample_weight
+        )
+        return trainer.optimizer.scale_loss(loss), loss
+
+    (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(list(trainable_values))
+    return loss, list(grads)
+
+
+def _multiply_sample_weight(sample_weight: Any, unit: Tensor) -> Any:
+    """Sample weights times a per-sample factor, broadcast over trailing axes."""
+
+    def times_unit(weight: Any) -> Tensor:
+        weight = ops.cast(weight, "float32")
+        factor = ops.reshape(unit, [-1] + [1] * (len(weight.shape) - 1))
+        return weight * factor
+
+    if sample_weight is None:
+        return unit
+    return tree.map_structure(times_unit, sample_weight)

@@ -1,0 +1,115 @@
+"""`ModelWrapper`: a `keras.Model` that holds another one and trains it everywhere.
+
+The base of every train-step wrapper. It delegates `call` to the wrapped model,
+serializes it, and makes `fit`/`evaluate` work under
+`tf.distribute.MultiWorkerMirroredStrategy`, where Keras 3's own `fit` fails even
+for a plain model (keras-team/keras#20585) at two places:
+
+1. the symbolic build reduces a *distributed* data batch with
+   ``strategy.reduce("MEAN", batch, axis=None)``; here one local replica's batch is
+   used instead (it only provides shapes);
+2. the step logs are reduced with ``strategy.reduce("MEAN", v, axis=0)``, which needs
+   rank-1 values; here each log is returned with shape ``[1]`` under that strategy.
+
+Used on its own it runs Keras' standard one-pass train step, which is how an
+optimizer-only method (Momentum-SAM) trains under MultiWorkerMirroredStrategy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_sam")
+class ModelWrapper(keras.Model):
+    """Holds a `keras.Model` as `.model`; `fit`, `evaluate`, `predict`, save as usual.
+
+    Args:
+        model: the `keras.Model` to train.
+        **kwargs: passed to `keras.Model` (e.g. ``name``).
+
+    Raises:
+        TypeError: if ``model`` is not a `keras.Model`.
+
+    Example:
+
+    ```python
+    with tf.distribute.MultiWorkerMirroredStrategy().scope():
+        trainer = keras_sam.models.ModelWrapper(make_model())
+        trainer.compile(optimizer=keras_sam.optimizers.MSAM(0.1, rho=0.3), loss="mse")
+    trainer.fit(dataset, epochs=10, callbacks=[keras_sam.callbacks.MSAMCallback()])
+    ```
+    """
+
+    def __init__(self, model: keras.Model, **kwargs: Any) -> None:
+        if not isinstance(model, keras.Model):
+            raise TypeError(
+                f"`model` must be a keras.Model, got {type(model).__name__}. Wrap layers "
+                "in keras.Sequential or a functional model first."
+            )
+        super().__init__(**kwargs)
+        self.model = model
+        if model.built:
+            self.built = True
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        return self.model(inputs, training=training)
+
+    def build(self, input_shape: Any = None) -> None:
+        if not self.model.built and input_shape is not None:
+            self.model.build(input_shape)
+        self.built = True
+
+    # ------------------------------------------------------------ MultiWorker fit
+    def train_step(self, *args: Any) -> Any:
+        return self._distributable_logs(super().train_step(*args))
+
+    def test_step(self, *args: Any) -> Any:
+        return self._distributable_logs(super().test_step(*args))
+
+    def _distributable_logs(self, logs: Any) -> Any:
+        """Rank-1 logs under MultiWorkerMirroredStrategy (see the module docstring)."""
+        if not _is_multi_worker(getattr(self, "distribute_strategy", None)):  # TF-only attr
+            return logs
+        return {key: ops.reshape(value, [-1]) for key, value in logs.items()}
+
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        strategy = getattr(self, "_distribute_strategy", None)
+        if iterator is None or not _is_multi_worker(strategy):
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+            return
+        for _, _, batches in iterator:
+            data_batch = keras.tree.map_structure(
+                lambda value: strategy.experimental_local_results(value)[0],
+                next(batches),
+            )
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    # ------------------------------------------------------------ config
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config["model"] = keras.saving.serialize_keras_object(self.model)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects: Any = None) -> ModelWrapper:
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(
+            config["model"], custom_objects=custom_objects
+        )
+        return cls(**config)
+
+
+def _is_multi_worker(strategy: Any) -> bool:
+    if strategy is None or keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and strategy.extended._in_multi_worker_mode()
