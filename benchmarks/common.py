@@ -232,15 +232,15 @@ def all_methods() -> dict[str, Method]:
         Method("sgd", "SGD-momentum (base)", "sgd", same, sgd, None),
         Method(
             "sam", "SAM", "sgd", lambda m, r: keras_sam.SAM(m, rho=r), sgd, 0.05,
-            (0.02, 0.05, 0.1),
+            (0.05, 0.1),
         ),
         Method(
             "asam", "ASAM", "sgd", lambda m, r: keras_sam.ASAM(m, rho=r, eta=0.01), sgd, 0.5,
-            (0.2, 0.5, 1.0), extra="eta=0.01",
+            (0.5, 1.0), extra="eta=0.01",
         ),
         Method(
             "ksam", "K-SAM", "sgd", lambda m, r: keras_sam.KSAM(m, rho=r, k=KSAM_K), sgd, 0.05,
-            (0.02, 0.05, 0.1), extra=f"k={KSAM_K}",
+            (0.05, 0.1), extra=f"k={KSAM_K}",
         ),
     ]
     layerwise = layerwise_class()
@@ -249,14 +249,14 @@ def all_methods() -> dict[str, Method]:
             Method(
                 "layerwise", "LayerwiseSAM", "sgd",
                 lambda m, r: layerwise(m, rho=r, num_layers=LAYERWISE_NUM_LAYERS), sgd, 0.05,
-                (0.02, 0.05, 0.1), extra=f"num_layers={LAYERWISE_NUM_LAYERS}",
+                (0.05, 0.1), extra=f"num_layers={LAYERWISE_NUM_LAYERS}",
             )
         )
     methods += [
         Method(
             "msam", "MSAM", "sgd", same,
             lambda lr, r: keras_sam.optimizers.MSAM(lr, momentum=SGD_MOMENTUM, rho=r), 0.3,
-            (0.1, 0.3, 1.0), momentum_sam=True,
+            (0.3, 1.0), momentum_sam=True,
         ),
         Method("adamw", "AdamW (base)", "adamw", same, adamw, None),
         Method(
@@ -264,7 +264,7 @@ def all_methods() -> dict[str, Method]:
             lambda lr, r: keras_sam.optimizers.AdamWMSAM(
                 lr, rho=r, weight_decay=ADAMW_WEIGHT_DECAY
             ),
-            0.3, (0.1, 0.3, 1.0), momentum_sam=True,
+            0.3, (0.3, 1.0), momentum_sam=True,
         ),
     ]
     return {m.name: m for m in methods}

@@ -1,6 +1,6 @@
 """Test accuracy, cost and sharpness of every keras_sam method on digits with label noise.
 
-    python -m benchmarks.generalization              # full run (~25 min on 2 CPU cores)
+    python -m benchmarks.generalization              # full run (~25 min on 2 busy CPU cores)
     python -m benchmarks.generalization --quick      # seconds (CI)
 
 Data: scikit-learn's 8×8 digits (shipped, no download), the split of
@@ -74,27 +74,25 @@ def build(model_name: str, input_shape: Sequence[int], num_classes: int, seed: i
     return demo.build_model(input_shape, num_classes, seed)
 
 
-class TrainTimer:
-    """Sums the wall time of training batches (validation is not counted)."""
+def make_train_timer() -> Any:
+    """A callback summing the wall time of training batches (validation not counted)."""
+    import keras
 
-    def __init__(self) -> None:
-        import keras
+    class TrainTimer(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.total = 0.0
+            self.steps = 0
+            self._start = 0.0
 
-        class _Callback(keras.callbacks.Callback):
-            def __init__(inner) -> None:
-                super().__init__()
-                inner.total = 0.0
-                inner.steps = 0
-                inner._start = 0.0
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            self._start = time.perf_counter()
 
-            def on_train_batch_begin(inner, batch: int, logs: Any = None) -> None:
-                inner._start = time.perf_counter()
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            self.total += time.perf_counter() - self._start
+            self.steps += 1
 
-            def on_train_batch_end(inner, batch: int, logs: Any = None) -> None:
-                inner.total += time.perf_counter() - inner._start
-                inner.steps += 1
-
-        self.callback = _Callback()
+    return TrainTimer()
 
 
 class MethodRun:
@@ -154,12 +152,12 @@ class MethodRun:
 
         self.reset(init_weights, rho)
         keras.utils.set_random_seed(seed)
-        timer = TrainTimer()
-        callbacks = [timer.callback]
+        timer = make_train_timer()
+        callbacks = [timer]
         if self.method.momentum_sam:
             callbacks = [
                 self.keras_sam.callbacks.MSAMCallback(),
-                timer.callback,
+                timer,
                 self.keras_sam.callbacks.BatchNormRecalibration(data["train"][0], batch_size=64),
             ]
         start = time.perf_counter()
@@ -185,8 +183,8 @@ class MethodRun:
             "test_accuracy": _accuracy(self.model, *data["test"]),
             "val_accuracy": _accuracy(self.model, *data["val"]),
             "train_accuracy_noisy": _accuracy(self.model, *data["train"]),
-            "train_time_s": timer.callback.total,
-            "train_steps": timer.callback.steps,
+            "train_time_s": timer.total,
+            "train_steps": timer.steps,
             "fit_wall_s": fit_s,
             "test_curve": [float(a) for a in history.history["val_accuracy"]],
             "sharpness": measures,
@@ -380,7 +378,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
                         help="label-noise fractions (default 0 0.2 0.4; 0.2 with --quick)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="default 0 1 2 (0 with --quick)")
-    parser.add_argument("--epochs", type=int, default=None, help="default 30 (2 with --quick)")
+    parser.add_argument("--epochs", type=int, default=None, help="default 15 (2 with --quick)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--sgd-lr", type=float, default=0.05)
     parser.add_argument("--adamw-lr", type=float, default=3e-3)
@@ -395,7 +393,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
     quick = args.quick
     args.noise = args.noise if args.noise is not None else ([0.2] if quick else [0.0, 0.2, 0.4])
     args.seeds = args.seeds if args.seeds is not None else ([0] if quick else [0, 1, 2])
-    args.epochs = args.epochs or (2 if quick else 30)
+    args.epochs = args.epochs or (2 if quick else 15)
     args.sharpness_directions = args.sharpness_directions or (1 if quick else 5)
     args.default_rho_only = args.default_rho_only or quick
     args.learning_rate = {"sgd": args.sgd_lr, "adamw": args.adamw_lr}

@@ -288,23 +288,27 @@ def time_model(
 
 # ---------------------------------------------------------------------- pieces
 def time_pieces(spec: ModelSpec, args: argparse.Namespace) -> dict:
-    """Times the parts of a step on ``spec`` (jit-compiled, interleaved rounds)."""
+    """Times the parts of a step on ``spec`` (each jit-compiled alone, interleaved rounds).
+
+    Written with plain TensorFlow (not keras_sam internals), mirroring what the train
+    steps do: the clean pass is a stateful training-mode forward + backward; the
+    perturbed pass goes through ``stateless_call``; K-SAM's scoring pass is a
+    training-mode forward giving per-sample losses.
+    """
     import keras
     import tensorflow as tf
-
-    from keras_sam import backend
 
     batch = spec.batch_size
     x, y = (tf.constant(t) for t in spec.make_data(batch, 1))
     model = spec.build(0)
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.05, momentum=common.SGD_MOMENTUM),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=True,
-    )
+    optimizer = keras.optimizers.SGD(0.05, momentum=common.SGD_MOMENTUM)
     variables = model.trainable_variables
-    model.optimizer.build(variables)
+    optimizer.build(variables)
+    per_sample = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     k = max(1, round(common.KSAM_K * batch))
+
+    def loss_fn(labels: Any, logits: Any) -> Any:
+        return tf.reduce_mean(per_sample(labels, logits))
 
     def forward_train():
         return model(x, training=True)
@@ -313,42 +317,60 @@ def time_pieces(spec: ModelSpec, args: argparse.Namespace) -> dict:
         return model(x, training=False)
 
     def forward_backward():
-        _, _, grads = backend.forward_and_gradients(model, x, y, None, variables)
-        return grads
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        return tape.gradient(loss, variables)
+
+    def stateless(xs: Any, ys: Any) -> Any:
+        values = [v.value for v in variables]
+        state = [v.value for v in model.non_trainable_variables]
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            logits, _ = model.stateless_call(values, state, xs, training=True)
+            loss = loss_fn(ys, logits)
+        return tape.gradient(loss, values)
 
     def stateless_forward_backward():
-        state = backend.snapshot(model.non_trainable_variables)
-        return backend.stateless_gradients(model, [v.value for v in variables], state, x, y, None)
+        return stateless(x, y)
 
     def ksam_scores():
-        return backend.forward_and_sample_scores(model, x, y, None)[2]
+        return per_sample(y, model(x, training=True))
 
     def stateless_forward_backward_k():
-        state = backend.snapshot(model.non_trainable_variables)
-        return backend.stateless_gradients(
-            model, [v.value for v in variables], state, x[:k], y[:k], None
-        )
+        return stateless(x[:k], y[:k])
 
     grads = [tf.zeros_like(v.value) for v in variables]
 
     def optimizer_apply():
-        model.optimizer.apply(grads, variables)
-        return model.optimizer.iterations.value
+        optimizer.apply(grads, variables)
+        return optimizer.iterations.value
 
     def sgd_step():
-        _, _, g = backend.forward_and_gradients(model, x, y, None, variables)
-        model.optimizer.apply(g, variables)
-        return model.optimizer.iterations.value
+        optimizer.apply(forward_backward(), variables)
+        return optimizer.iterations.value
+
+    def sam_step():
+        g = forward_backward()
+        norm = tf.linalg.global_norm(g)
+        values = [v.value + 0.05 * gi / norm for v, gi in zip(variables, g)]
+        state = [v.value for v in model.non_trainable_variables]
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            logits, _ = model.stateless_call(values, state, x, training=True)
+            loss = loss_fn(y, logits)
+        optimizer.apply(tape.gradient(loss, values), variables)
+        return optimizer.iterations.value
 
     pieces = {
         "forward (training mode)": forward_train,
         "forward (inference mode)": forward_inference,
         "forward + backward (clean pass)": forward_backward,
         "stateless forward + backward (perturbed pass)": stateless_forward_backward,
-        "K-SAM scoring forward (whole batch)": ksam_scores,
+        "K-SAM scoring forward (whole batch, per-sample losses)": ksam_scores,
         f"stateless forward + backward on k={k} samples": stateless_forward_backward_k,
         "optimizer apply (SGD-momentum)": optimizer_apply,
-        "clean pass + apply (SGD step, no Keras train_step)": sgd_step,
+        "hand-written SGD step (clean pass + apply)": sgd_step,
+        "hand-written SAM step (two passes + apply)": sam_step,
     }
     compiled = {n: tf.function(f, jit_compile=True) for n, f in pieces.items()}
 
@@ -589,10 +611,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     for model_name in args.models:
         print(f"model {model_name}", flush=True)
-        report["models"][model_name] = time_model(_spec(model_name, args.quick), names, methods, args)
+        spec = _spec(model_name, args.quick)
+        report["models"][model_name] = time_model(spec, names, methods, args)
         for name, r in report["models"][model_name]["methods"].items():
             print(f"  {name:12s} {1000 * r['median_step_s']:8.2f} ms  ratio {r['ratio']:.3f}",
                   flush=True)
+        common.write_json(common.ensure_dir(args.out) / "speed.partial.json", report)
     if args.pieces:
         report["pieces"] = {m: time_pieces(_spec(m, args.quick), args) for m in args.pieces}
     if args.rss_models:
@@ -601,6 +625,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report["wall_clock_s"] = time.perf_counter() - start
     out = common.ensure_dir(args.out)
     common.write_json(out / "speed.json", report)
+    (out / "speed.partial.json").unlink(missing_ok=True)
     (out / "speed.md").write_text(markdown(report) + "\n")
     plot(report, out / "speed.png")
     print(markdown(report))

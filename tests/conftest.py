@@ -1,9 +1,20 @@
-"""Test configuration: two logical CPU devices (for MirroredStrategy tests), quiet TF."""
+"""Test configuration: two logical CPU devices (tf.distribute / keras.distribution tests),
+quiet TF, and the `tf_only` marker.
+
+The suite runs on TensorFlow by default. `tests/test_jax_backend.py` runs the
+method-level tests again in a subprocess with ``KERAS_BACKEND=jax``; tests marked
+``tf_only`` (tf.distribute, TF-specific API) are skipped there.
+"""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+if os.environ["KERAS_BACKEND"] == "jax":
+    # Two host devices for keras.distribution.DataParallel tests (read when jax starts).
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in _flags:
+        os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=2".strip()
 
 import keras
 import pytest
@@ -15,6 +26,22 @@ if keras.backend.backend() == "tensorflow":
     tf.config.set_logical_device_configuration(
         _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
     )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "tf_only: needs the TensorFlow backend (tf.distribute, TF-specific API)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason=f"TensorFlow-only test; the Keras backend is {backend!r}")
+    for item in items:
+        if "tf_only" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -248,6 +248,7 @@ def _replicas_identical(trainer):
         np.testing.assert_array_equal(copies[0], copies[1], err_msg=variable.path)
 
 
+@pytest.mark.tf_only
 @all_methods
 def test_mirrored_strategy_trains_with_identical_replicas(method):
     with mirrored_strategy().scope():
@@ -257,6 +258,7 @@ def test_mirrored_strategy_trains_with_identical_replicas(method):
     _replicas_identical(trainer)
 
 
+@pytest.mark.tf_only
 @wrappers
 def test_global_scope_on_two_replicas_equals_one_device(method):
     single = method.trainer(plain_model(), 0.25)

@@ -164,9 +164,9 @@ class _Scaled(keras.layers.Dense):
 class CountingLayerwiseSAM(LayerwiseSAM):
     traces = 0
 
-    def train_step(self, data):
+    def train_step(self, *args):  # (data) on TensorFlow, (state, data) on JAX
         type(self).traces += 1  # Python side effect: runs once per trace
-        return super().train_step(data)
+        return super().train_step(*args)
 
 
 def _scaled_middle_model():
