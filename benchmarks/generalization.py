@@ -373,7 +373,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
     )
     common.add_common_flags(parser)
     parser.add_argument("--methods", nargs="+", default=None, help="default: all")
-    parser.add_argument("--model", default="cnn", choices=("cnn", "mlp"))
+    parser.add_argument("--model", default=None, choices=("cnn", "mlp"),
+                        help="default cnn (mlp with --quick: it compiles faster)")
     parser.add_argument("--noise", nargs="+", type=float, default=None,
                         help="label-noise fractions (default 0 0.2 0.4; 0.2 with --quick)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
@@ -394,6 +395,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
     args.noise = args.noise if args.noise is not None else ([0.2] if quick else [0.0, 0.2, 0.4])
     args.seeds = args.seeds if args.seeds is not None else ([0] if quick else [0, 1, 2])
     args.epochs = args.epochs or (2 if quick else 15)
+    args.model = args.model or ("mlp" if quick else "cnn")
     args.sharpness_directions = args.sharpness_directions or (1 if quick else 5)
     args.default_rho_only = args.default_rho_only or quick
     args.learning_rate = {"sgd": args.sgd_lr, "adamw": args.adamw_lr}

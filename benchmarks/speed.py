@@ -249,11 +249,17 @@ def time_model(
             common.added_variable_bytes(r.trainer, r.model, base_bytes.get(base, 0))
         )
         memory[name]["model_bytes"] = common.variable_bytes(r.model.variables)
+    # Steps per round: --steps, fewer for a method whose step is so slow that --steps
+    # would exceed --round-budget seconds (at least 1); the medians stay per step.
+    steps = {
+        name: int(min(args.steps, max(1, args.round_budget // max(r.step(), 1e-6))))
+        for name, r in runners.items()
+    }
     loads = []
     for _ in range(args.rounds):
         loads.append(common.load_now())
         for name in names:
-            times = runners[name].run(args.steps)
+            times = runners[name].run(steps[name])
             runners[name].times.extend(times)
             runners[name].round_medians.append(float(np.median(times)))
     results = {}
@@ -557,6 +563,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=None, help="steps per method per round")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (not timed)")
+    parser.add_argument(
+        "--round-budget", type=float, default=20.0,
+        help="at most this many seconds per method per round (fewer steps for a slow method)",
+    )
     parser.add_argument(
         "--rss-models", nargs="*", default=None, choices=list(MODELS),
         help="models whose peak RSS is measured per method in subprocesses "

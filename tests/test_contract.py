@@ -250,9 +250,12 @@ def _replicas_identical(trainer):
 
 @pytest.mark.tf_only
 @all_methods
-def test_mirrored_strategy_trains_with_identical_replicas(method):
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_mirrored_strategy_trains_with_identical_replicas(method, jit_compile):
+    if jit_compile and not method.is_wrapper:
+        pytest.skip("Keras' own jit_compile=True fails under a multi-device MirroredStrategy")
     with mirrored_strategy().scope():
-        trainer = _compiled(method, bn_dropout_model(), 0.25)
+        trainer = _compiled(method, bn_dropout_model(), 0.25, jit_compile)
     history = _fit(trainer)
     assert all(math.isfinite(v) for v in history.history["loss"])
     _replicas_identical(trainer)

@@ -18,6 +18,8 @@ after the step are exactly what the optimizer writes.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import keras
@@ -25,6 +27,7 @@ from keras import ops
 
 from keras_sam import backend
 from keras_sam import rho as rho_lib
+from keras_sam.backend import xla
 from keras_sam.models.wrapper import ModelWrapper
 from keras_sam.ops import add_perturbation, all_finite, dual_vector
 
@@ -88,6 +91,47 @@ class SharpnessAwareTrainer(ModelWrapper):
         super().__init__(model, **kwargs)
         self.rho = rho
         self.perturbation_scope = perturbation_scope
+        self._ascent_step = self.ascent  # XLA-compiled under MirroredStrategy (see below)
+        self._perturbed_step = self._perturbed_gradients
+
+    # ------------------------------------------------------------------ XLA
+    def make_train_function(self, force: bool = False) -> Any:
+        """Keras' train function; ``jit_compile=True`` also works under MirroredStrategy.
+
+        There Keras cannot compile the replicated step, so the clean and the
+        perturbed passes are compiled with XLA inside an uncompiled step (see
+        `keras_sam.backend.xla`); everywhere else Keras compiles the whole step.
+        """
+        inside = self._compiles_inside_step()
+        self._ascent_step = xla.compiled(self.ascent) if inside else self.ascent
+        self._perturbed_step = (
+            xla.compiled(self._perturbed_gradients) if inside else self._perturbed_gradients
+        )
+        with self._step_jit_off(inside):
+            return super().make_train_function(force)
+
+    def make_test_function(self, force: bool = False) -> Any:
+        with self._step_jit_off(self._compiles_inside_step()):
+            return super().make_test_function(force)
+
+    def make_predict_function(self, force: bool = False) -> Any:
+        with self._step_jit_off(self._compiles_inside_step()):
+            return super().make_predict_function(force)
+
+    def _compiles_inside_step(self) -> bool:
+        strategy = getattr(self, "distribute_strategy", None)  # TensorFlow only
+        return xla.compiles_inside_step(self.jit_compile, strategy)
+
+    @contextlib.contextmanager
+    def _step_jit_off(self, off: bool) -> Iterator[None]:
+        if not off:
+            yield
+            return
+        self._jit_compile = False
+        try:
+            yield
+        finally:
+            self._jit_compile = True
 
     # ------------------------------------------------------------------ the step
     # JAX: fit calls train_step(state, data) -> (logs, state); the decorator runs this
@@ -96,22 +140,26 @@ class SharpnessAwareTrainer(ModelWrapper):
     def train_step(self, data: Any) -> dict:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         state_before = backend.snapshot(self.non_trainable_variables)
-        ascent = self.ascent(x, y, sample_weight, state_before)
+        scale = backend.loss_scale(self.optimizer)  # before `apply` may change it
+        ascent = self._ascent_step(x, y, sample_weight, state_before)
         self._track_loss(ascent.loss, x)
-        grads = self._unscale(ascent.grads)
+        grads = _unscale(ascent.grads, scale)
         if self.perturbation_scope == "global":
             grads = backend.all_reduce_sum(grads)
         perturbation = self.perturbation(grads, self.trainable_variables)
         perturbed = add_perturbation(
             [v.value for v in self.trainable_variables], perturbation
         )
-        _, sam_grads = backend.stateless_gradients(self, perturbed, state_before, *ascent.batch)
+        sam_grads = self._perturbed_step(perturbed, state_before, ascent.batch)
         finite = all_finite(sam_grads)
         self._apply(sam_grads, finite)
-        self.after_step(sam_grads)
+        self.after_step(_unscale(sam_grads, scale))
         self._keep_state_of_skipped_step(state_before, finite)
         logs = self.compute_metrics(x, y, ascent.y_pred, sample_weight=sample_weight)
         return self._distributable_logs(logs)
+
+    def _perturbed_gradients(self, perturbed: list, state_before: list, batch: tuple) -> list:
+        return backend.stateless_gradients(self, perturbed, state_before, *batch)[1]
 
     # ------------------------------------------------------------------ hooks
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
@@ -126,7 +174,8 @@ class SharpnessAwareTrainer(ModelWrapper):
         return dual_vector(grads, self.current_rho())
 
     def after_step(self, sam_grads: list) -> None:
-        """Called after the optimizer step with the gradients it received."""
+        """Called after the optimizer step with the (unscaled, float32) gradients it
+        received; on a skipped step the state it writes is rolled back."""
 
     # ------------------------------------------------------------------ helpers
     def current_rho(self) -> Any:
@@ -140,11 +189,6 @@ class SharpnessAwareTrainer(ModelWrapper):
         self._loss_tracker.update_state(
             loss * backend.num_replicas(), sample_weight=batch_size
         )
-
-    def _unscale(self, grads: list) -> list:
-        """Ascent gradients without the mixed-precision loss scale (norms in float32)."""
-        scale = backend.loss_scale(self.optimizer)
-        return [None if g is None else ops.cast(g, "float32") / scale for g in grads]
 
     def _apply(self, grads: list, finite: Any) -> None:
         """optimizer.apply, skipping a step whose gradients are not finite.
@@ -178,3 +222,8 @@ class SharpnessAwareTrainer(ModelWrapper):
         config = dict(config)
         config["rho"] = rho_lib.deserialize_rho(config["rho"])
         return super().from_config(config, custom_objects=custom_objects)
+
+
+def _unscale(grads: list, scale: Any) -> list:
+    """Gradients without the mixed-precision loss scale, in float32 (for norms)."""
+    return [None if g is None else ops.cast(g, "float32") / scale for g in grads]

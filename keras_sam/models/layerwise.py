@@ -184,6 +184,7 @@ class LayerwiseSAM(SharpnessAwareTrainer):
     @property
     def selected_layers(self) -> list[str]:
         """Names of the layers the next step perturbs, input side first."""
+        _sync_jax_state(self)
         mask = keras.ops.convert_to_numpy(self._selection.value)
         return [layer.name for (layer, _), m in zip(self._units, mask) if m > 0]
 
@@ -194,13 +195,12 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         Not bias-corrected (the correction is the same for every layer, so the
         ranking does not depend on it).
         """
+        _sync_jax_state(self)
         norms = keras.ops.convert_to_numpy(self._grad_norms.value)
         return {layer.name: float(v) for (layer, _), v in zip(self._units, norms)}
 
     # ------------------------------------------------------------------ hooks
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
-        # The loss scale of this step, read before the optimizer may change it.
-        self._step_loss_scale = backend.loss_scale(self.optimizer)
         variables = self.trainable_variables
         if self.num_chosen == 0:
             loss, y_pred, _ = backend.forward_and_gradients(self, x, y, sample_weight, [])
@@ -247,8 +247,6 @@ class LayerwiseSAM(SharpnessAwareTrainer):
             # all-reduce of the gradients per step, the price of exactness).
             sam_grads = backend.all_reduce_sum(sam_grads)
         norms = ops.stack([global_norm([sam_grads[p] for p in group]) for group in groups])
-        scale = getattr(self, "_step_loss_scale", None)
-        norms = norms / (backend.loss_scale(self.optimizer) if scale is None else scale)
         old = self._grad_norms.value
         decay = self.ranking_decay
         averaged = ops.where(ops.all(ops.isfinite(norms)), decay * old + (1.0 - decay) * norms, old)
@@ -258,7 +256,7 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         _, top = ops.top_k(averaged, self.num_chosen)
         ranked = ops.sum(ops.one_hot(top, len(self._units), dtype="float32"), axis=0)
         due = ops.equal(
-            ops.mod(ops.cast(self.optimizer.iterations, "int64"), self.reselect_every), 0
+            ops.mod(ops.cast(self.optimizer.iterations, "int32"), self.reselect_every), 0
         )
         self._selection.assign(ops.where(due, ranked, self._selection.value))
 
@@ -288,6 +286,14 @@ class LayerwiseSAM(SharpnessAwareTrainer):
 
 
 # ---------------------------------------------------------------------- helpers
+def _sync_jax_state(trainer: keras.Model) -> None:
+    """On JAX, during `fit` the variables hold no values until the state is synced back
+    (Keras does so for callbacks that read `self.model`); the next step re-reads them."""
+    sync = getattr(trainer, "jax_state_sync", None)
+    if sync is not None:
+        sync()
+
+
 def _validate_num_layers(value: Any) -> float | int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(

@@ -29,7 +29,7 @@ if keras.backend.backend() != "jax":
         allow_module_level=True,
     )
 
-import jax  # noqa: E402
+import jax
 
 X, Y = classification_data(n=40)
 

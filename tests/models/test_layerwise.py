@@ -197,7 +197,8 @@ def test_largest_gradient_layer_is_chosen_on_schedule_without_retracing(jit_comp
     assert seen[:2] == [["last"]] * 2
     assert seen[2:] == [["scaled"]] * 10
     assert max(trainer.layer_grad_norms, key=trainer.layer_grad_norms.get) == "scaled"
-    assert CountingLayerwiseSAM.traces == 1  # the cut moved from the top to layer 1
+    if jit_compile or keras.backend.backend() == "tensorflow":  # JAX without jit: eager
+        assert CountingLayerwiseSAM.traces == 1  # the cut moved from the top to layer 1
 
 
 # ---------------------------------------------------------------- state and saving

@@ -9,6 +9,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+
 from keras_sam.backend import apply_gradients
 from keras_sam.callbacks import MSAMCallback
 from keras_sam.optimizers import MSAM
