@@ -119,3 +119,18 @@ def test_fraction_rounds_per_actual_batch():
 def test_bad_k(k, error):
     with pytest.raises(error, match="`k`"):
         keras_sam.KSAM(_scalar_model(), k=k)
+
+
+def test_only_the_ranking_pass_updates_batchnorm():
+    """With k < |B|, the moving statistics are those of one pass over the whole batch."""
+    x, y = classification_data(n=16)
+    reference = bn_dropout_model()
+    reference(x, training=True)
+    trainer = keras_sam.KSAM(bn_dropout_model(), rho=0.5, k=0.25)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1), loss=logits_loss())
+    trainer.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    bn, bn_ref = trainer.model.get_layer("bn"), reference.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), bn_ref.moving_mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        bn.moving_variance.numpy(), bn_ref.moving_variance.numpy(), atol=1e-6
+    )
