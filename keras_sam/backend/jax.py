@@ -29,7 +29,15 @@ global-batch gradient. `num_replicas` is 1 and `all_reduce_sum` is the identity;
 the perturbation is that of one device on the global batch
 (``perturbation_scope="global"``). Per-device perturbations
 (``"replica"``, m-sharpness) are not implemented on JAX: `stateful_train_step`
-warns when they are asked for on more than one device.
+warns when they are asked for on more than one device. For the same reason K-SAM
+ranks the samples of the whole global batch (not of each device's shard), and
+LayerwiseSAM ranks layers by the global-batch gradient.
+
+Cost notes: `forward_and_switched_gradients` (LayerwiseSAM) keeps the truncated
+ascent backward (one `jax.lax.switch` branch per cut, each differentiating only
+the variables above its cut). `apply_if_finite` computes the optimizer update and
+selects it with `where` (no side-effecting `cond` under `jit`), so a skipped step
+costs as much as a taken one.
 """
 
 from __future__ import annotations
