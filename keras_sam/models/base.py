@@ -100,10 +100,12 @@ class SharpnessAwareTrainer(ModelWrapper):
 
         There Keras cannot compile the replicated step, so the clean and the
         perturbed passes are compiled with XLA inside an uncompiled step (see
-        `keras_sam.backend.xla`); everywhere else Keras compiles the whole step.
+        `keras_sam.backend.xla`); everywhere else Keras compiles the whole step,
+        unless the variant's ascent must stay out of XLA (`ascent_uses_xla`).
         """
         inside = self._compiles_inside_step()
-        self._ascent_step = xla.compiled(self.ascent) if inside else self.ascent
+        ascent_inside = inside and self.ascent_uses_xla
+        self._ascent_step = xla.compiled(self.ascent) if ascent_inside else self.ascent
         self._perturbed_step = (
             xla.compiled(self._perturbed_gradients) if inside else self._perturbed_gradients
         )
@@ -118,8 +120,20 @@ class SharpnessAwareTrainer(ModelWrapper):
         with self._step_jit_off(self._compiles_inside_step()):
             return super().make_predict_function(force)
 
+    @property
+    def ascent_uses_xla(self) -> bool:
+        """Whether the ascent compiles well with XLA (True unless a variant says not).
+
+        A variant whose ascent XLA compiles badly returns False; with
+        ``jit_compile=True`` its step is then run uncompiled, with only the
+        perturbed pass compiled.
+        """
+        return True
+
     def _compiles_inside_step(self) -> bool:
         strategy = getattr(self, "distribute_strategy", None)  # TensorFlow only
+        if self.jit_compile is True and not self.ascent_uses_xla:
+            return xla.compiles_inside_step(True, None)
         return xla.compiles_inside_step(self.jit_compile, strategy)
 
     @contextlib.contextmanager

@@ -248,9 +248,9 @@ def test_ema_tracks_clean_weights():
 
 @pytest.mark.tf_only
 def test_mirrored_strategy_matches_single_device():
-    import tensorflow as tf
+    from tests.helpers import mirrored_strategy
 
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored_strategy()  # one per process (see tests/helpers.py)
     model = linear_model(optimizer=None, strategy=strategy)
     with strategy.scope():
         model.compile(optimizer=MSAM(0.05, momentum=0.9, rho=0.2), loss="mse")
