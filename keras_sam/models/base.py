@@ -101,40 +101,45 @@ class SharpnessAwareTrainer(ModelWrapper):
         There Keras cannot compile the replicated step, so the clean and the
         perturbed passes are compiled with XLA inside an uncompiled step (see
         `keras_sam.backend.xla`); everywhere else Keras compiles the whole step,
-        unless the variant's ascent must stay out of XLA (`ascent_uses_xla`).
+        unless the variant's step compiles badly (`xla_compatible`).
         """
         inside = self._compiles_inside_step()
-        ascent_inside = inside and self.ascent_uses_xla
-        self._ascent_step = xla.compiled(self.ascent) if ascent_inside else self.ascent
+        self._ascent_step = xla.compiled(self.ascent) if inside else self.ascent
         self._perturbed_step = (
             xla.compiled(self._perturbed_gradients) if inside else self._perturbed_gradients
         )
-        with self._step_jit_off(inside):
+        with self._step_jit_off(self._uncompiled_step()):
             return super().make_train_function(force)
 
     def make_test_function(self, force: bool = False) -> Any:
-        with self._step_jit_off(self._compiles_inside_step()):
+        with self._step_jit_off(self._uncompiled_step()):
             return super().make_test_function(force)
 
     def make_predict_function(self, force: bool = False) -> Any:
-        with self._step_jit_off(self._compiles_inside_step()):
+        with self._step_jit_off(self._uncompiled_step()):
             return super().make_predict_function(force)
 
     @property
-    def ascent_uses_xla(self) -> bool:
-        """Whether the ascent compiles well with XLA (True unless a variant says not).
+    def xla_compatible(self) -> bool:
+        """Whether the step compiles well with XLA (True unless a variant says not).
 
-        A variant whose ascent XLA compiles badly returns False; with
-        ``jit_compile=True`` its step is then run uncompiled, with only the
-        perturbed pass compiled.
+        For a variant that returns False, ``jit_compile=True`` on TensorFlow runs
+        the step as a TensorFlow graph instead (both passes alike, so dropout
+        draws the same masks in both).
         """
         return True
 
     def _compiles_inside_step(self) -> bool:
+        if not self.xla_compatible:
+            return False
         strategy = getattr(self, "distribute_strategy", None)  # TensorFlow only
-        if self.jit_compile is True and not self.ascent_uses_xla:
-            return xla.compiles_inside_step(True, None)
         return xla.compiles_inside_step(self.jit_compile, strategy)
+
+    def _uncompiled_step(self) -> bool:
+        """Keras must not compile the whole step (it would fail, or compile badly)."""
+        if self._compiles_inside_step():
+            return True
+        return not self.xla_compatible and xla.compiles_inside_step(self.jit_compile, None)
 
     @contextlib.contextmanager
     def _step_jit_off(self, off: bool) -> Iterator[None]:

@@ -200,12 +200,12 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         return {layer.name: float(v) for (layer, _), v in zip(self._units, norms)}
 
     @property
-    def ascent_uses_xla(self) -> bool:
+    def xla_compatible(self) -> bool:
         """False when the ascent switches between cut depths: XLA compiles a
         conditional over several backward passes very poorly on CPU (10-50x slower
-        steps, minutes of compile time, measured). With ``jit_compile=True`` the
-        switched ascent then runs as a TensorFlow graph and the perturbed pass alone
-        is compiled with XLA."""
+        steps, minutes of compile time, measured). With ``jit_compile=True`` on
+        TensorFlow the step then runs as a TensorFlow graph, which keeps the
+        truncated backward and is still faster than SAM under XLA on CPU."""
         return len(self.cut_points) <= 1 or self.num_chosen == 0
 
     # ------------------------------------------------------------------ hooks
