@@ -72,6 +72,20 @@ class SharpnessAwareTrainer(ModelWrapper):
         TypeError: if ``model`` is not a `keras.Model` or ``rho`` has a wrong type.
         ValueError: if ``rho`` is negative or not finite, or
             ``perturbation_scope`` is unknown.
+
+    Example:
+
+    ```python
+    class RandomDirectionSAM(keras_sam.SharpnessAwareTrainer):
+        def perturbation(self, grads, variables):  # only ε differs from SAM
+            noise = [None if g is None else keras.random.normal(g.shape) for g in grads]
+            return keras_sam.ops.dual_vector(noise, self.current_rho())
+    ```
+
+    References:
+        Foret, Kleiner, Mobahi, Neyshabur. Sharpness-Aware Minimization for
+        Efficiently Improving Generalization. ICLR 2021.
+        [arXiv:2010.01412](https://arxiv.org/abs/2010.01412)
     """
 
     def __init__(

@@ -122,7 +122,19 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         **kwargs: the base ``keras.optimizers.Optimizer`` arguments.
 
     Raises:
-        TypeError, ValueError: for an invalid ``rho`` or ``weight_decay``.
+        TypeError: ``rho`` or ``weight_decay`` of a wrong type.
+        ValueError: ``rho`` or ``weight_decay`` negative, NaN or infinite.
+
+    Example:
+
+    ```python
+    # The flavours are the usable classes:
+    optimizer = keras_sam.optimizers.MSAM(learning_rate=0.1, momentum=0.9, rho=0.3)
+    ```
+
+    References:
+        Becker, Altrock, Risse. Momentum-SAM: Sharpness Aware Minimization without
+        Computational Overhead. [arXiv:2401.12033](https://arxiv.org/abs/2401.12033)
     """
 
     def __init__(self, learning_rate: Any, rho: RhoLike, **kwargs: Any) -> None:
