@@ -59,8 +59,10 @@ METHODS: dict[str, DemoMethod] = {
     "sgd": DemoMethod("SGD (base)", "sgd", lambda m: m, _sgd),
     "sam": DemoMethod("SAM rho=0.05", "sgd", lambda m: keras_sam.SAM(m, rho=0.05), _sgd),
     "asam": DemoMethod("ASAM rho=0.5", "sgd", lambda m: keras_sam.ASAM(m, rho=0.5), _sgd),
+    # k = 0.5: with BatchNorm and batches of 64, k = 0.25 (16 samples normalized
+    # together) trains poorly (66 % against 97 % at k = 0.5); see the K-SAM docs.
     "ksam": DemoMethod(
-        "K-SAM k=0.25", "sgd", lambda m: keras_sam.KSAM(m, rho=0.05, k=0.25), _sgd
+        "K-SAM k=0.5", "sgd", lambda m: keras_sam.KSAM(m, rho=0.05, k=0.5), _sgd
     ),
     "layerwise": DemoMethod(
         "Layer-wise SAM rho=0.05", "sgd", lambda m: keras_sam.LayerwiseSAM(m, rho=0.05), _sgd
