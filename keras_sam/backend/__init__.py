@@ -7,6 +7,7 @@ every backend; this package picks the implementation for the active one
 wrapper raises `NotImplementedError` (`check_supported`).
 """
 
+import importlib
 from typing import Any
 
 import keras
@@ -14,48 +15,20 @@ import keras
 _BACKEND = keras.backend.backend()
 SUPPORTED_BACKENDS = ("tensorflow", "jax")
 
-if _BACKEND == "tensorflow":
-    from keras_sam.backend.tensorflow import (
-        all_reduce_sum,
-        apply_gradients,
-        apply_if_finite,
-        forward_and_gradients,
-        forward_and_sample_scores,
-        forward_and_switched_gradients,
-        loss_scale,
-        num_replicas,
-        snapshot,
-        stateful_train_step,
-        stateless_gradients,
-    )
-elif _BACKEND == "jax":
-    from keras_sam.backend.jax import (
-        all_reduce_sum,
-        apply_gradients,
-        apply_if_finite,
-        forward_and_gradients,
-        forward_and_sample_scores,
-        forward_and_switched_gradients,
-        loss_scale,
-        num_replicas,
-        snapshot,
-        stateful_train_step,
-        stateless_gradients,
-    )
-else:
-    from keras_sam.backend.unsupported import (
-        all_reduce_sum,
-        apply_gradients,
-        apply_if_finite,
-        forward_and_gradients,
-        forward_and_sample_scores,
-        forward_and_switched_gradients,
-        loss_scale,
-        num_replicas,
-        snapshot,
-        stateful_train_step,
-        stateless_gradients,
-    )
+_implementation = importlib.import_module(
+    f"keras_sam.backend.{_BACKEND if _BACKEND in SUPPORTED_BACKENDS else 'unsupported'}"
+)
+all_reduce_sum = _implementation.all_reduce_sum
+apply_gradients = _implementation.apply_gradients
+apply_if_finite = _implementation.apply_if_finite
+forward_and_gradients = _implementation.forward_and_gradients
+forward_and_sample_scores = _implementation.forward_and_sample_scores
+forward_and_switched_gradients = _implementation.forward_and_switched_gradients
+loss_scale = _implementation.loss_scale
+num_replicas = _implementation.num_replicas
+snapshot = _implementation.snapshot
+stateful_train_step = _implementation.stateful_train_step
+stateless_gradients = _implementation.stateless_gradients
 
 
 def check_supported(what: Any) -> None:
