@@ -62,10 +62,7 @@ def _bn_moving_stats(model):
 def test_rho_zero_equals_base_optimizer(method, jit_compile):
     """BatchNorm + Dropout model, a last batch of 8: same weights, stats and losses."""
     trainer = _compiled(method, bn_dropout_model(), 0.0, jit_compile)
-    # A variant that keeps its step out of XLA runs it as a TF graph, which draws
-    # other dropout masks than an XLA step: compare with the uncompiled base.
-    step_uses_xla = jit_compile and getattr(trainer, "xla_compatible", True)
-    base = _compiled_base(method, bn_dropout_model(), step_uses_xla)
+    base = _compiled_base(method, bn_dropout_model(), jit_compile)
     base_history = _fit(base)
     history = _fit(trainer)
     assert_weights_close(_inner(trainer).get_weights(), base.get_weights(), atol=1e-6)

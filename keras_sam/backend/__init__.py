@@ -21,9 +21,9 @@ _implementation = importlib.import_module(
 all_reduce_sum = _implementation.all_reduce_sum
 apply_gradients = _implementation.apply_gradients
 apply_if_finite = _implementation.apply_if_finite
+dispatched_train_function = _implementation.dispatched_train_function
 forward_and_gradients = _implementation.forward_and_gradients
 forward_and_sample_scores = _implementation.forward_and_sample_scores
-forward_and_switched_gradients = _implementation.forward_and_switched_gradients
 loss_scale = _implementation.loss_scale
 num_replicas = _implementation.num_replicas
 snapshot = _implementation.snapshot
@@ -49,9 +49,9 @@ __all__ = [
     "apply_gradients",
     "apply_if_finite",
     "check_supported",
+    "dispatched_train_function",
     "forward_and_gradients",
     "forward_and_sample_scores",
-    "forward_and_switched_gradients",
     "loss_scale",
     "num_replicas",
     "snapshot",

@@ -33,9 +33,7 @@ warns when they are asked for on more than one device. For the same reason K-SAM
 ranks the samples of the whole global batch (not of each device's shard), and
 LayerwiseSAM ranks layers by the global-batch gradient.
 
-Cost notes: `forward_and_switched_gradients` (LayerwiseSAM) keeps the truncated
-ascent backward (one `jax.lax.switch` branch per cut, each differentiating only
-the variables above its cut). `apply_if_finite` computes the optimizer update and
+Cost notes: `apply_if_finite` computes the optimizer update and
 selects it with `where` (no side-effecting `cond` under `jit`), so a skipped step
 costs as much as a taken one.
 """
@@ -52,6 +50,8 @@ import keras
 from keras import ops, tree
 
 Tensor = Any
+Reader = Callable[[Any], Any]
+Writer = Callable[[Any, Any], None]
 
 _REPLICA_SCOPE_WARNING = (
     "{name}: perturbation_scope='replica' (per-device perturbations, m-sharpness) is not "
@@ -119,6 +119,48 @@ def _check_perturbation_scope(trainer: Any) -> None:
             ),
             stacklevel=3,
         )
+
+
+def dispatched_train_function(
+    trainer: Any, choose: Callable[[Reader], Any], after: Callable[[Reader, Writer], None]
+) -> Callable[[Any, Any], tuple]:
+    """Keras' train function, running one of several compiled train functions per call.
+
+    Same contract as the TensorFlow version. On JAX a train function is
+    ``f(state, iterator) -> (logs, state)``; ``read`` and ``write`` act on the
+    state (``write`` keeps the sharding of the value it replaces).
+    """
+
+    def train_function(state: Any, iterator: Any) -> tuple:
+        groups = _state_variables(trainer)
+        function = choose(_StateView(groups, state).read)
+        logs, state = function(state, iterator)
+        view = _StateView(groups, state)
+        after(view.read, view.write)
+        return logs, view.state
+
+    return train_function
+
+
+class _StateView:
+    """Reads and writes variables' values in Keras' JAX train-step state."""
+
+    def __init__(self, groups: Sequence[Sequence[Any]], state: Any) -> None:
+        self.state = tuple(list(values) for values in state)
+        self._where = {
+            id(variable): (g, i)
+            for g, variables in enumerate(groups)
+            for i, variable in enumerate(variables)
+        }
+
+    def read(self, variable: Any) -> Any:
+        g, i = self._where[id(variable)]
+        return ops.convert_to_numpy(self.state[g][i])
+
+    def write(self, variable: Any, value: Any) -> None:
+        g, i = self._where[id(variable)]
+        old = self.state[g][i]
+        self.state[g][i] = jax.device_put(jax.numpy.asarray(value, old.dtype), old.sharding)
 
 
 # --------------------------------------------------------------------------- simple pieces
@@ -316,47 +358,6 @@ def forward_and_gradients(
     )()
     _commit_clean_state(trainer, ntv, mv)
     return loss, y_pred, grads
-
-
-def forward_and_switched_gradients(
-    trainer: Any,
-    x: Any,
-    y: Any,
-    sample_weight: Any,
-    wrt: Sequence[Any],
-    branches: Sequence[Sequence[int]],
-    index: Tensor,
-) -> tuple[Tensor, Any, list[Tensor]]:
-    """Clean pass, then gradients w.r.t. one of several subsets of ``wrt``, picked at run time.
-
-    Same contract as the TensorFlow version. Each branch is one
-    `jax.value_and_grad` w.r.t. its own variables (its backward stops at the
-    lowest of them) and `jax.lax.switch` runs only the chosen branch; ``index`` is
-    data, so changing it never recompiles.
-    """
-    wrt = list(wrt)
-    positions = _positions(trainer, wrt)
-
-    def make_branch(members: Sequence[int]) -> Callable[[], tuple]:
-        run = _clean_value_and_grad(trainer, x, y, sample_weight, [positions[i] for i in members])
-
-        def branch() -> tuple:
-            loss, y_pred, ntv, mv, computed = run()
-            grads = [ops.zeros(v.shape, v.dtype) for v in wrt]
-            for i, g in zip(members, computed):
-                grads[i] = g
-            return loss, y_pred, ntv, mv, grads
-
-        return branch
-
-    if len(branches) == 1:
-        result = make_branch(branches[0])()
-    else:
-        functions = [make_branch(b) for b in branches]
-        result = jax.lax.switch(index, [lambda _, f=f: f() for f in functions], None)
-    loss, y_pred, ntv, mv, grads = result
-    _commit_clean_state(trainer, ntv, mv)
-    return loss, y_pred, list(grads)
 
 
 def forward_and_sample_scores(

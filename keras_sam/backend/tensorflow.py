@@ -16,13 +16,15 @@ differentiation, as Keras' own `train_step` does; gradients are returned scaled.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
 from keras import ops, tree
 
 Tensor = Any
+Reader = Callable[[Any], Any]
+Writer = Callable[[Any, Any], None]
 
 
 def snapshot(variables: Sequence[Any]) -> list[Tensor]:
@@ -85,6 +87,32 @@ def stateful_train_step(step: Any) -> Any:
     return step
 
 
+def dispatched_train_function(
+    trainer: Any, choose: Callable[[Reader], Any], after: Callable[[Reader, Writer], None]
+) -> Callable[[Any], Any]:
+    """Keras' train function, running one of several compiled train functions per call.
+
+    ``choose(read)`` returns the compiled train function to run (built by Keras'
+    `make_train_function`); ``after(read, write)`` runs when it has returned.
+    ``read(variable)`` is the variable's value (numpy) and ``write(variable,
+    value)`` assigns one. On TensorFlow a train function is ``f(iterator) ->
+    logs`` and the variables hold the training state.
+    """
+
+    def read(variable: Any) -> Any:
+        return ops.convert_to_numpy(variable.value)
+
+    def write(variable: Any, value: Any) -> None:
+        variable.assign(value)
+
+    def train_function(iterator: Any) -> Any:
+        logs = choose(read)(iterator)
+        after(read, write)
+        return logs
+
+    return train_function
+
+
 def loss_scale(optimizer: Any) -> Tensor:
     """The factor `optimizer.scale_loss` multiplies a loss by (1 without scaling)."""
     return ops.cast(optimizer.scale_loss(tf.constant(1.0)), "float32")
@@ -103,49 +131,6 @@ def forward_and_gradients(
         scaled = trainer.optimizer.scale_loss(loss)
     grads = tape.gradient(scaled, list(wrt)) if wrt else []
     return loss, y_pred, [_dense(g) for g in grads]
-
-
-def forward_and_switched_gradients(
-    trainer: Any,
-    x: Any,
-    y: Any,
-    sample_weight: Any,
-    wrt: Sequence[Any],
-    branches: Sequence[Sequence[int]],
-    index: Tensor,
-) -> tuple[Tensor, Any, list[Tensor]]:
-    """Clean pass, then gradients w.r.t. one of several subsets of ``wrt``, picked at run time.
-
-    ``branches[i]`` lists positions in ``wrt``; ``index`` (an int32 scalar tensor)
-    chooses the branch. Each branch asks the tape only for its own variables, so
-    its backward stops at the lowest of them, and only the chosen branch runs
-    (`tf.switch_case`, also under XLA). ``index`` is data: changing it never
-    retraces. Gradients are aligned with ``wrt``: zeros outside the chosen branch
-    and for variables the loss does not depend on (scaled like
-    `forward_and_gradients`).
-    """
-    wrt = list(wrt)
-    with tf.GradientTape(persistent=len(branches) > 1) as tape:
-        y_pred, loss = _clean_forward(trainer, x, y, sample_weight)
-        scaled = trainer.optimizer.scale_loss(loss)
-
-    def make_branch(positions: Sequence[int]) -> Any:
-        def branch() -> list[Tensor]:
-            sources = [wrt[i] for i in positions]
-            computed = tape.gradient(scaled, sources)
-            grads = [tf.zeros(v.shape, v.dtype) for v in wrt]
-            for i, g in zip(positions, computed):
-                if g is not None:
-                    grads[i] = _dense(g)
-            return grads
-
-        return branch
-
-    if len(branches) == 1:
-        grads = make_branch(branches[0])()
-    else:
-        grads = tf.switch_case(index, [make_branch(b) for b in branches])
-    return loss, y_pred, list(grads)
 
 
 def forward_and_sample_scores(

@@ -30,5 +30,5 @@ def _unsupported(*args: Any, **kwargs: Any) -> Any:
 
 
 all_reduce_sum = apply_gradients = forward_and_gradients = _unsupported
-forward_and_sample_scores = forward_and_switched_gradients = _unsupported
+dispatched_train_function = forward_and_sample_scores = _unsupported
 loss_scale = num_replicas = snapshot = stateless_gradients = _unsupported

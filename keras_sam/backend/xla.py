@@ -17,12 +17,9 @@ import keras
 
 
 def compiles_inside_step(jit_compile: Any, strategy: Any) -> bool:
-    """True when ``jit_compile=True`` meets a multi-replica, non-TPU TF strategy
-    (``strategy=None``: whenever ``jit_compile=True`` on TensorFlow)."""
-    if jit_compile is not True or keras.backend.backend() != "tensorflow":
+    """True when ``jit_compile=True`` meets a multi-replica, non-TPU TF strategy."""
+    if jit_compile is not True or strategy is None or keras.backend.backend() != "tensorflow":
         return False
-    if strategy is None:
-        return True
     import tensorflow as tf
 
     return strategy.num_replicas_in_sync > 1 and not isinstance(

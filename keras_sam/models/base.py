@@ -114,46 +114,27 @@ class SharpnessAwareTrainer(ModelWrapper):
 
         There Keras cannot compile the replicated step, so the clean and the
         perturbed passes are compiled with XLA inside an uncompiled step (see
-        `keras_sam.backend.xla`); everywhere else Keras compiles the whole step,
-        unless the variant's step compiles badly (`xla_compatible`).
+        `keras_sam.backend.xla`); everywhere else Keras compiles the whole step.
         """
         inside = self._compiles_inside_step()
         self._ascent_step = xla.compiled(self.ascent) if inside else self.ascent
         self._perturbed_step = (
             xla.compiled(self._perturbed_gradients) if inside else self._perturbed_gradients
         )
-        with self._step_jit_off(self._uncompiled_step()):
+        with self._step_jit_off(inside):
             return super().make_train_function(force)
 
     def make_test_function(self, force: bool = False) -> Any:
-        with self._step_jit_off(self._uncompiled_step()):
+        with self._step_jit_off(self._compiles_inside_step()):
             return super().make_test_function(force)
 
     def make_predict_function(self, force: bool = False) -> Any:
-        with self._step_jit_off(self._uncompiled_step()):
+        with self._step_jit_off(self._compiles_inside_step()):
             return super().make_predict_function(force)
 
-    @property
-    def xla_compatible(self) -> bool:
-        """Whether the step compiles well with XLA (True unless a variant says not).
-
-        For a variant that returns False, ``jit_compile=True`` on TensorFlow runs
-        the step as a TensorFlow graph instead (both passes alike, so dropout
-        draws the same masks in both).
-        """
-        return True
-
     def _compiles_inside_step(self) -> bool:
-        if not self.xla_compatible:
-            return False
         strategy = getattr(self, "distribute_strategy", None)  # TensorFlow only
         return xla.compiles_inside_step(self.jit_compile, strategy)
-
-    def _uncompiled_step(self) -> bool:
-        """Keras must not compile the whole step (it would fail, or compile badly)."""
-        if self._compiles_inside_step():
-            return True
-        return not self.xla_compatible and xla.compiles_inside_step(self.jit_compile, None)
 
     @contextlib.contextmanager
     def _step_jit_off(self, off: bool) -> Iterator[None]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -56,19 +58,27 @@ class LayerwiseSAM(SharpnessAwareTrainer):
     * **K**: ``num_layers``, a count or a fraction of the candidate layers
       (default 0.25, rounded up).
     * **Joint radius** by default, so that the method reduces to SAM.
-    * **Truncated ascent backward.** The clean backward asks only for the
-      gradients of the layers from a *cut* up, the cut being the highest of at
-      most ``max_cuts`` precomputed cut depths that lies at or below the lowest
-      chosen layer (the cuts are spread over the layers that can be the
-      lowest chosen one: all but the top K - 1). The cut is chosen at run time
-      by a `tf.switch_case` over these depths, so re-selection never retraces
-      or recompiles, and backpropagation stops at the cut. The perturbed pass (the descent gradient)
-      is a full forward and backward, as in SAM. Activations below the cut are
-      not cached between the passes (that saving is not implemented).
+    * **Truncated ascent, reused activations.** Let the *cut* be the highest of
+      at most ``max_cuts`` precomputed depths at or below the lowest chosen
+      layer (spread over the layers that can be the lowest chosen one: all but
+      the top K - 1). The clean backward asks only for the gradients of the
+      layers from the cut up, so backpropagation stops there; layers below the
+      cut are not perturbed (ε = 0 is known when the step is compiled), so the
+      perturbed pass computes the same activations below the cut as the clean
+      pass, and XLA (``jit_compile=True``, the default on TensorFlow, and always
+      on JAX) computes them once. The perturbed backward is full: the descent
+      gradient of every layer is needed. Each cut depth in use is one compiled
+      step (built on first use, at most ``len(cut_points)``); the selection is
+      renewed between steps, on the host, so re-selection never retraces.
+    * **Re-selection timing.** With ``steps_per_execution`` > 1 the layers are
+      re-chosen after the execution in which a re-selection fell due.
 
-    Cost with S on the output side, counting a backward as two forwards: about
-    F + 2F·(fraction of the model above the cut) + 3F, against SGD's 3F and
-    SAM's 6F.
+    Cost with S above the cut, counting a backward as two forwards and F for
+    the whole model's forward: about 3F + 3F·(fraction of the model above the
+    cut) under XLA (without XLA, add F: the perturbed forward is recomputed),
+    against SGD's 3F and SAM's 6F. So the step costs nearly SGD's when the
+    critical layers are on the output side, and SAM's when the lowest chosen
+    layer is the first one.
 
     Under `tf.distribute` every replica perturbs the same layers: the ranking
     variables are written from replica 0 (``aggregation="only_first_replica"``).
@@ -99,9 +109,9 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         ranking_decay: decay β in [0, 1) of the moving average of the layer
             gradient norms; 0 ranks by the last step alone. Defaults to `0.9`.
         max_cuts: at most this many depths (int >= 1) at which the ascent
-            backward can be cut; each is one branch of the compiled step. 1 turns
-            truncation off (the ascent gradient of every candidate is computed).
-            Defaults to `8`.
+            backward can be cut; each is one compiled variant of the step. 1
+            turns truncation off (the ascent gradient of every candidate is
+            computed, one compiled step). Defaults to `8`.
         perturbation_scope: ``"replica"`` (default) or ``"global"``.
         **kwargs: passed to `keras.Model`.
 
@@ -167,6 +177,7 @@ class LayerwiseSAM(SharpnessAwareTrainer):
             aggregation="only_first_replica",
             name="layerwise_selection",
         )
+        self._cut = 0  # the step's cut depth while it is traced; 0 (no cut) otherwise
         self._grad_norms = self.add_weight(
             shape=(n,),
             initializer="zeros",
@@ -199,34 +210,56 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         norms = keras.ops.convert_to_numpy(self._grad_norms.value)
         return {layer.name: float(v) for (layer, _), v in zip(self._units, norms)}
 
-    @property
-    def xla_compatible(self) -> bool:
-        """False when the ascent switches between cut depths: XLA compiles a
-        conditional over several backward passes very poorly on CPU (10-50x slower
-        steps, minutes of compile time, measured). With ``jit_compile=True`` on
-        TensorFlow the step then runs as a TensorFlow graph, which keeps the
-        truncated backward and is still faster than SAM under XLA on CPU."""
-        return len(self.cut_points) <= 1 or self.num_chosen == 0
+    # ------------------------------------------------------------------ the step
+    def make_train_function(self, force: bool = False) -> Any:
+        """One compiled train function per cut depth, picked before each call.
 
-    # ------------------------------------------------------------------ hooks
+        The ascent backward stops at the cut, and the layers below it are not
+        perturbed, so both passes compute the same activations below the cut;
+        inside one XLA program (``jit_compile=True``, and always on JAX) the
+        perturbed pass reuses them instead of recomputing them. Both savings
+        need the cut to be static, so each cut depth in use gets its own
+        compiled step (at most ``len(cut_points)``, built on first use), and the
+        selection is renewed between calls (`_reselect`), never inside a step.
+        """
+        if self.train_function is not None and not force:
+            return self.train_function
+        by_cut: dict[int, Any] = {}
+        iterations_before = [0]
+
+        def choose(read: Callable) -> Callable:
+            cut = self._cut_below(read(self._selection))
+            if cut not in by_cut:
+                with self._tracing_cut(cut), self._own_train_step():
+                    super(LayerwiseSAM, self).make_train_function(force=True)
+                by_cut[cut] = self.train_function
+                self.train_function = dispatcher
+            iterations_before[0] = self._optimizer_steps(read)
+            compiled = by_cut[cut]
+
+            def run(*args: Any) -> Any:
+                with self._tracing_cut(cut):  # read if Keras (re)traces the step now
+                    return compiled(*args)
+
+            return run
+
+        def after(read: Callable, write: Callable) -> None:
+            self._reselect(iterations_before[0], read, write)
+
+        dispatcher = backend.dispatched_train_function(self, choose, after)
+        self.train_function = dispatcher
+        return dispatcher
+
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
+        """Clean pass; ascent gradients of the candidate layers from the cut up only."""
         variables = self.trainable_variables
-        if self.num_chosen == 0:
-            loss, y_pred, _ = backend.forward_and_gradients(self, x, y, sample_weight, [])
-            return Ascent(loss, y_pred, [None] * len(variables), (x, y, sample_weight))
         groups = self._unit_positions(variables)
-        wrt_positions = [p for group in groups for p in group]
-        offsets = np.cumsum([0] + [len(g) for g in groups])
-        branches = [list(range(offsets[cut], offsets[-1])) for cut in self.cut_points]
-        chosen = ops.cast(ops.greater(self._selection.value, 0.0), "int32")
-        lowest = ops.cast(ops.argmax(chosen), "int32")
-        cuts = ops.convert_to_tensor(np.asarray(self.cut_points, "int32"))
-        index = ops.sum(ops.cast(ops.less_equal(cuts, lowest), "int32")) - 1
-        loss, y_pred, computed = backend.forward_and_switched_gradients(
-            self, x, y, sample_weight, [variables[p] for p in wrt_positions], branches, index
+        above = [p for group in groups[self._cut :] for p in group] if self.num_chosen else []
+        loss, y_pred, computed = backend.forward_and_gradients(
+            self, x, y, sample_weight, [variables[p] for p in above]
         )
         grads = [None] * len(variables)
-        for position, gradient in zip(wrt_positions, computed):
+        for position, gradient in zip(above, computed):
             grads[position] = gradient
         return Ascent(loss, y_pred, grads, (x, y, sample_weight))
 
@@ -249,7 +282,7 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         return epsilon
 
     def after_step(self, sam_grads: list) -> None:
-        """Updates the gradient-norm average and, on schedule, the selection."""
+        """Updates the moving average of the layers' gradient norms (the ranking)."""
         groups = self._unit_positions(self.trainable_variables)
         if self.perturbation_scope == "global":
             # Rank by the global batch's gradient, as one device would (one more
@@ -260,16 +293,59 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         decay = self.ranking_decay
         averaged = ops.where(ops.all(ops.isfinite(norms)), decay * old + (1.0 - decay) * norms, old)
         self._grad_norms.assign(averaged)
+
+    def _reselect(self, iterations_before: int, read: Callable, write: Callable) -> None:
+        """After a call of the train function: the top-K layers by the ranking, if due.
+
+        Due when the optimizer's step count crossed a multiple of
+        ``reselect_every`` during the call (one step per call unless
+        ``steps_per_execution`` > 1; a skipped non-finite step does not count).
+        """
         if self.num_chosen in (0, len(self._units)):
             return  # nothing to rank
-        _, top = ops.top_k(averaged, self.num_chosen)
-        ranked = ops.sum(ops.one_hot(top, len(self._units), dtype="float32"), axis=0)
-        due = ops.equal(
-            ops.mod(ops.cast(self.optimizer.iterations, "int32"), self.reselect_every), 0
-        )
-        self._selection.assign(ops.where(due, ranked, self._selection.value))
+        iterations = self._optimizer_steps(read)
+        if iterations // self.reselect_every <= iterations_before // self.reselect_every:
+            return
+        norms = np.asarray(read(self._grad_norms), "float32")
+        selection = np.zeros_like(norms)
+        selection[np.argsort(-norms, kind="stable")[: self.num_chosen]] = 1.0
+        write(self._selection, selection)
 
     # ------------------------------------------------------------------ helpers
+    def _cut_below(self, selection: Any) -> int:
+        """The highest cut depth at or below the lowest chosen layer."""
+        chosen = np.flatnonzero(np.asarray(selection) > 0)
+        lowest = int(chosen[0]) if chosen.size else len(self._units)
+        return max(cut for cut in self.cut_points if cut <= lowest)
+
+    def _optimizer_steps(self, read: Callable) -> int:
+        """``optimizer.iterations`` (the steps taken, counting accumulated micro-batches
+        as one) read through ``read``, for which it must be a variable."""
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        count = int(read(optimizer._iterations))
+        accumulation = optimizer.gradient_accumulation_steps
+        return count // accumulation if accumulation else count
+
+    @contextlib.contextmanager
+    def _tracing_cut(self, cut: int) -> Iterator[None]:
+        """The cut of a step traced now (outside: 0, no cut, valid for any selection)."""
+        self._cut = cut
+        try:
+            yield
+        finally:
+            self._cut = 0
+
+    @contextlib.contextmanager
+    def _own_train_step(self) -> Iterator[None]:
+        """A distinct ``train_step`` object for Keras to compile: `jax.jit` caches
+        traces by function, and a bound method equals every other one of the same
+        method, so one cut's trace would be reused for all."""
+        self.train_step = functools.partial(type(self).train_step, self)
+        try:
+            yield
+        finally:
+            del self.train_step
+
     def _unit_positions(self, variables: Sequence[Any]) -> list[list[int]]:
         """Per candidate layer, the positions of its variables in ``variables``."""
         position = {id(v): i for i, v in enumerate(variables)}

@@ -197,8 +197,81 @@ def test_largest_gradient_layer_is_chosen_on_schedule_without_retracing(jit_comp
     assert seen[:2] == [["last"]] * 2
     assert seen[2:] == [["scaled"]] * 10
     assert max(trainer.layer_grad_norms, key=trainer.layer_grad_norms.get) == "scaled"
-    if jit_compile or keras.backend.backend() == "tensorflow":  # JAX without jit: eager
-        assert CountingLayerwiseSAM.traces == 1  # the cut moved from the top to layer 1
+    traced = jit_compile or keras.backend.backend() == "tensorflow"  # JAX without jit: eager
+    if traced:
+        assert CountingLayerwiseSAM.traces == 2  # one step per cut depth: top, then layer 1
+    # Back to the first selection: both steps exist already; nothing is traced again.
+    trainer._selection.assign(np.array([0.0, 0.0, 0.0, 1.0], "float32"))
+    seen.clear()
+    trainer.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[record])
+    assert seen == [["last"]] * 2 + [["scaled"]] * 2  # iterations 12 -> 16: due after 15
+    if traced:
+        assert CountingLayerwiseSAM.traces == 2
+
+
+def test_reselection_with_steps_per_execution_happens_between_executions():
+    x, y = classification_data(n=32)
+    trainer = LayerwiseSAM(_scaled_middle_model(), rho=0.05, num_layers=1, reselect_every=3)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01), loss=logits_loss(),
+                    steps_per_execution=2)
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(trainer.selected_layers)
+    )
+    trainer.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[record])
+    # Executions of 2 steps: steps 1-2, then 3-4 (due after step 3), re-chosen after it.
+    assert seen == [["last"], ["scaled"]]
+    assert int(keras.ops.convert_to_numpy(trainer.optimizer.iterations)) == 4
+
+
+def _deep_mlp():
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((6,))
+    h = inputs
+    for i in range(4):
+        h = keras.layers.Dense(6, activation="tanh", name=f"hidden_{i}")(h)
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(h))
+
+
+def _matmuls_in_compiled_step(trainer, x, y):
+    """Matrix products in the optimized XLA program of one train step."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        state = (
+            [v.value for v in trainer.trainable_variables],
+            [v.value for v in trainer.non_trainable_variables],
+            [v.value for v in trainer.optimizer.variables],
+            [v.value for v in trainer.metrics_variables],
+        )
+        text = jax.jit(trainer.train_step).lower(state, (x, y)).compile().as_text()
+    else:
+        import tensorflow as tf
+
+        step = tf.function(trainer.train_step, jit_compile=True)
+        text = step.experimental_get_compiler_ir((x, y))(stage="optimized_hlo")
+    return sum(line.count(" dot(") for line in text.splitlines())
+
+
+def test_compiled_step_truncates_the_ascent_and_reuses_activations():
+    """Head chosen: the clean backward stops at the head, and the perturbed pass reuses
+    the clean activations below it. An MLP of 5 Dense layers: SGD computes 5 products
+    forward and 9 backward (5 kernel + 4 input gradients), SAM twice that; with the head
+    alone perturbed, SGD's 14 + 1 (the head's ascent gradient) + 1 (its perturbed forward)."""
+    x, y = classification_data(n=16, n_in=6, n_classes=2)
+    trainer = LayerwiseSAM(_deep_mlp(), rho=0.1, num_layers=1, reselect_every=NEVER)
+    sam = keras_sam.SAM(_deep_mlp())
+    sgd = keras_sam.models.ModelWrapper(_deep_mlp())
+    for model in (trainer, sam, sgd):
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=logits_loss())
+        model.optimizer.build(model.trainable_variables)
+    assert _matmuls_in_compiled_step(sgd, x, y) == 14
+    assert _matmuls_in_compiled_step(sam, x, y) == 28
+    assert trainer.selected_layers == ["head"]
+    selection = keras.ops.convert_to_numpy(trainer._selection.value)
+    with trainer._tracing_cut(trainer._cut_below(selection)):
+        assert trainer._cut == 4
+        assert _matmuls_in_compiled_step(trainer, x, y) == 14 + 2
 
 
 # ---------------------------------------------------------------- state and saving
