@@ -2,7 +2,8 @@
 memory accounting, machine description and result writing.
 
 Nothing here imports Keras at module level: ``--backend`` must be able to set
-``KERAS_BACKEND`` before Keras is first imported.
+``KERAS_BACKEND`` before Keras is first imported. Nothing on the JAX path imports
+TensorFlow (the GPU machines the JAX runs target may not have it installed).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-SUPPORTED_BACKENDS = ("tensorflow",)
+SUPPORTED_BACKENDS = ("tensorflow",)  # a script passes its own tuple to `setup_backend`
 KNOWN_BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
@@ -32,8 +33,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default=None,
-        help="Keras backend (sets KERAS_BACKEND before Keras is imported). Only "
-        "'tensorflow' is supported today; JAX/PyTorch are a later issue.",
+        help="Keras backend: 'tensorflow' (default) or 'jax' (sets KERAS_BACKEND before "
+        "Keras is imported; the JAX path never imports TensorFlow).",
     )
     parser.add_argument(
         "--device",
@@ -47,17 +48,29 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (CI)")
 
 
-def setup_backend(backend: str | None, parser: argparse.ArgumentParser) -> str:
-    """Validates ``--backend`` and sets ``KERAS_BACKEND`` if Keras is not imported yet."""
+def setup_backend(
+    backend: str | None,
+    parser: argparse.ArgumentParser,
+    supported: Sequence[str] = SUPPORTED_BACKENDS,
+) -> str:
+    """Validates ``--backend`` and sets ``KERAS_BACKEND`` if Keras is not imported yet.
+
+    ``supported`` are the backends the calling script runs on. On JAX, TensorFlow is
+    made unimportable for the rest of the process (when it is not imported yet):
+    Keras' ``set_random_seed`` imports TensorFlow whenever it is installed, only to seed
+    it, which would put TensorFlow's memory and threads into the JAX measurements and
+    hide a dependency that the TensorFlow-less GPU machines do not satisfy.
+    """
     if backend is None:
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")
         backend = os.environ["KERAS_BACKEND"]
     if backend not in KNOWN_BACKENDS:
         parser.error(f"--backend must be one of {KNOWN_BACKENDS}, got {backend!r}.")
-    if backend not in SUPPORTED_BACKENDS:
+    if backend not in supported:
         parser.error(
-            f"--backend {backend}: keras_sam only supports the TensorFlow backend today "
-            f"(JAX and PyTorch support is a later issue). Use --backend tensorflow."
+            f"--backend {backend}: this benchmark supports {' and '.join(supported)} only "
+            f"(keras_sam's wrappers do not run on {backend}). "
+            f"Use --backend {' or --backend '.join(supported)}."
         )
     if "keras" in sys.modules:
         import keras
@@ -69,12 +82,25 @@ def setup_backend(backend: str | None, parser: argparse.ArgumentParser) -> str:
             )
     else:
         os.environ["KERAS_BACKEND"] = backend
+    if backend == "jax" and "tensorflow" not in sys.modules:
+        sys.modules["tensorflow"] = None  # type: ignore[assignment]  # `import` raises
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return backend
 
 
+def backend_name() -> str:
+    """The backend `setup_backend` chose (without importing Keras)."""
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+def tensorflow_imported() -> bool:
+    return sys.modules.get("tensorflow") is not None
+
+
 def setup_device(device: str, parser: argparse.ArgumentParser) -> str:
-    """Applies ``--device`` (TensorFlow) and returns a description of the device used."""
+    """Applies ``--device`` and returns a description of the device used."""
+    if backend_name() == "jax":
+        return _setup_jax_device(device, parser)
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -92,10 +118,52 @@ def setup_device(device: str, parser: argparse.ArgumentParser) -> str:
     return f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)"
 
 
+JAX_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def _setup_jax_device(device: str, parser: argparse.ArgumentParser) -> str:
+    if device == "cpu":
+        if "jax" in sys.modules:
+            import jax
+
+            jax.config.update("jax_platforms", "cpu")
+        else:
+            os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    devices = jax.devices()
+    platform_name = devices[0].platform
+    if device == "cpu" and platform_name != "cpu":
+        parser.error("--device cpu: JAX already initialized its accelerators here.")
+    if device == "gpu" and platform_name not in JAX_GPU_PLATFORMS:
+        parser.error(f"--device gpu: JAX sees no GPU here (devices: {devices}).")
+    count = f" ×{len(devices)}" if len(devices) > 1 else ""
+    if platform_name in JAX_GPU_PLATFORMS:
+        return f"GPU: {devices[0].device_kind}{count} (JAX)"
+    if platform_name != "cpu":
+        return f"{platform_name.upper()}: {devices[0].device_kind}{count} (JAX)"
+    jax_devices = f", {len(devices)} JAX devices" if len(devices) > 1 else ""
+    return f"CPU: {cpu_model()} ({os.cpu_count()} logical cores{jax_devices})"
+
+
 def uses_gpu() -> bool:
+    if backend_name() == "jax":
+        import jax
+
+        return jax.devices()[0].platform in JAX_GPU_PLATFORMS
     import tensorflow as tf
 
     return bool(tf.config.get_visible_devices("GPU"))
+
+
+def jax_memory_stats() -> dict | None:
+    """The first JAX device's allocator statistics (None where it keeps none, e.g. CPU)."""
+    import jax
+
+    try:
+        return jax.devices()[0].memory_stats()
+    except Exception:  # optional diagnostics; backend-dependent
+        return None
 
 
 # ---------------------------------------------------------------------- machine
@@ -112,7 +180,6 @@ def cpu_model() -> str:
 
 def machine_info(device: str) -> dict:
     import keras
-    import tensorflow as tf
 
     import keras_sam
 
@@ -126,7 +193,7 @@ def machine_info(device: str) -> dict:
             memory = int(f.readline().split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return {
+    info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
         "cpu": cpu_model(),
@@ -136,11 +203,27 @@ def machine_info(device: str) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "keras": keras.__version__,
-        "tensorflow": tf.__version__,
+    }
+    if keras.backend.backend() == "jax":
+        import jax
+        import jaxlib
+
+        info.update({
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "jax_default_backend": jax.default_backend(),
+            "jax_devices": [f"{d} ({d.device_kind})" for d in jax.devices()],
+        })
+    else:
+        import tensorflow as tf
+
+        info["tensorflow"] = tf.__version__
+    info.update({
         "keras_sam": keras_sam.__version__,
         "keras_backend": keras.backend.backend(),
         "command": "python -m " + " ".join([_module_name(), *sys.argv[1:]]),
-    }
+    })
+    return info
 
 
 def _module_name() -> str:

@@ -1,4 +1,5 @@
-"""Sharpness of trained weights, written with `keras.ops` (only the gradient is backend code).
+"""Sharpness of trained weights, written with `keras.ops` (only the gradient is backend code:
+TensorFlow or JAX).
 
 Two measures of the loss landscape around the final (clean) weights ``w`` on a fixed
 evaluation batch, with the model in inference mode (BatchNorm uses its moving
@@ -27,8 +28,14 @@ from keras import ops
 
 
 def _gradient(fn: Callable[[list], Any], values: list) -> list:
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.grad(fn)(values)
     if keras.backend.backend() != "tensorflow":
-        raise NotImplementedError("benchmarks.sharpness needs the TensorFlow backend today.")
+        raise NotImplementedError(
+            "benchmarks.sharpness needs the TensorFlow or the JAX backend."
+        )
     import tensorflow as tf
 
     with tf.GradientTape() as tape:

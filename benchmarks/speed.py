@@ -3,6 +3,7 @@
     python -m benchmarks.speed                 # full run (~10 min on 2 CPU cores)
     python -m benchmarks.speed --quick         # seconds (CI)
     python -m benchmarks.speed --device gpu --out /tmp/gpu-results
+    python -m benchmarks.speed --backend jax --device gpu --out /tmp/jax-gpu-results
 
 For each model (a CNN with BatchNorm on 32×32×3 inputs at batch 128, a small
 Transformer encoder classifying token sequences, an MLP), every method gets its
@@ -26,6 +27,18 @@ peak of TensorFlow's GPU allocator during each method's warm-up is reported too.
 ``--pieces`` times the parts a step is made of (training forward, forward +
 backward, the stateless perturbed pass, K-SAM's scoring pass, the optimizer
 update) to explain the ratios against the cost model of ALGORITHMS.md §2.3.
+
+``--backend jax`` runs the same measurement on Keras' JAX backend without importing
+TensorFlow: each trainer is built and its step ``jax.jit``-compiled by ``fit`` on one
+batch (not timed), then the compiled ``train_function`` is called directly with the
+state tuple Keras' JAX ``fit`` passes (trainable, non-trainable, optimizer and metric
+values, donated and returned by each call) on batches placed on the device
+beforehand (no input pipeline in the timed region). The pieces are written with
+``jax.jit``, ``jax.grad`` and ``stateless_call``; on a GPU the allocator's bytes in use
+after warm-up (JAX keeps only a process-wide peak) replace TensorFlow's per-method
+peak. ``--data-parallel`` (JAX only) trains under ``keras.distribution.DataParallel``
+over every local device with ``perturbation_scope="global"`` (the batch is the global
+batch, split across devices).
 """
 
 from __future__ import annotations
@@ -180,11 +193,14 @@ class Runner:
 
     def __init__(self, spec: ModelSpec, method: common.Method, data: tuple, batch: int) -> None:
         import keras
-        import tensorflow as tf
 
         self.method = method
         self.model = spec.build(0)
         self.trainer = method.wrap(self.model, method.default_rho)
+        if keras.distribution.distribution() is not None and hasattr(
+            self.trainer, "perturbation_scope"
+        ):  # --data-parallel: JAX computes the global-batch perturbation
+            self.trainer.perturbation_scope = "global"
         lr = spec.learning_rate[method.base]
         self.trainer.compile(
             optimizer=method.optimizer(lr, method.default_rho),
@@ -193,16 +209,59 @@ class Runner:
             jit_compile=True,
         )
         self.trainer.optimizer.build(self.trainer.trainable_variables)
-        dataset = tf.data.Dataset.from_tensor_slices(data).batch(batch, drop_remainder=True)
-        self.iterator = iter(dataset.cache().repeat())
-        self.trainer.make_train_function()
+        self.jax = keras.backend.backend() == "jax"
+        if self.jax:
+            self._init_jax(data, batch)
+        else:
+            import tensorflow as tf
+
+            dataset = tf.data.Dataset.from_tensor_slices(data).batch(batch, drop_remainder=True)
+            self.iterator = iter(dataset.cache().repeat())
+            self.trainer.make_train_function()
         self.train_function = self.trainer.train_function
         self.times: list[float] = []
         self.round_medians: list[float] = []
 
+    def _init_jax(self, data: tuple, batch: int) -> None:
+        """Builds and compiles through `fit` (one batch), then keeps the JAX state tuple."""
+        import itertools
+
+        import keras
+
+        x, y = data
+        # `fit` builds what the step needs (metrics, loss, optimizer), jit-compiles the
+        # step and runs it once; that first, compiling call is part of the warm-up.
+        self.trainer.fit(x[:batch], y[:batch], batch_size=batch, epochs=1, shuffle=False,
+                         verbose=0)
+        distribution = keras.distribution.distribution()
+
+        def place(array: np.ndarray) -> Any:
+            if distribution is None:
+                import jax
+
+                return jax.device_put(array)
+            layout = distribution.get_data_layout(array.shape)
+            return keras.distribution.distribute_tensor(array, layout)
+
+        batches = [
+            (place(x[i:i + batch]), place(y[i:i + batch]))
+            for i in range(0, len(x) - batch + 1, batch)
+        ]
+        self.iterator = itertools.cycle(batches)
+        trainer = self.trainer
+        # The order of Keras' JAX `fit` (`_get_jax_state`); each call donates it.
+        self.state = tuple(
+            [v.value for v in group]
+            for group in (trainer.trainable_variables, trainer.non_trainable_variables,
+                          trainer.optimizer.variables, trainer.metrics_variables)
+        )
+
     def step(self) -> float:
         start = time.perf_counter()
-        logs = self.train_function(self.iterator)
+        if self.jax:
+            logs, self.state = self.train_function(self.state, self.iterator)
+        else:
+            logs = self.train_function(self.iterator)
         float(np.asarray(logs["loss"]))  # blocks until the step has run
         return time.perf_counter() - start
 
@@ -216,11 +275,14 @@ def time_model(
     batch = spec.batch_size
     data = spec.make_data(batch * 4, 0)
     gpu = common.uses_gpu()
+    jax_backend = common.backend_name() == "jax"
     runners: dict[str, Runner] = {}
     memory: dict[str, dict] = {}
     compile_s: dict[str, float] = {}
     for name in names:
-        if gpu:
+        if gpu and jax_backend:
+            before = common.jax_memory_stats() or {}
+        elif gpu:
             import tensorflow as tf
 
             tf.config.experimental.reset_memory_stats("GPU:0")
@@ -233,7 +295,16 @@ def time_model(
         compile_s[name] = time.perf_counter() - start
         runners[name] = runner
         memory[name] = {}
-        if gpu:
+        if gpu and jax_backend:
+            after = common.jax_memory_stats() or {}
+            if "bytes_in_use" in after:
+                memory[name]["gpu_bytes_in_use_added_by_warmup"] = int(
+                    after["bytes_in_use"] - before.get("bytes_in_use", 0)
+                )
+                memory[name]["gpu_process_peak_bytes_after_warmup"] = int(
+                    after.get("peak_bytes_in_use", 0)
+                )
+        elif gpu:
             peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
             memory[name]["gpu_peak_bytes_during_warmup"] = int(peak - before)
         print(f"  {spec.name}/{name}: compiled + warmed up in {compile_s[name]:.1f} s",
@@ -296,22 +367,63 @@ def time_model(
 def time_pieces(spec: ModelSpec, args: argparse.Namespace) -> dict:
     """Times the parts of a step on ``spec`` (each jit-compiled alone, interleaved rounds).
 
-    Written with plain TensorFlow (not keras_sam internals), mirroring what the train
-    steps do: the clean pass is a stateful training-mode forward + backward; the
-    perturbed pass goes through ``stateless_call``; K-SAM's scoring pass is a
-    training-mode forward giving per-sample losses.
+    Written with plain TensorFlow or JAX (not keras_sam internals), mirroring what the
+    train steps do: the clean pass is a training-mode forward + backward that also
+    returns (TensorFlow: updates) the non-trainable state; the perturbed pass goes
+    through ``stateless_call``; K-SAM's scoring pass is a training-mode forward giving
+    per-sample losses.
     """
+    batch = spec.batch_size
+    k = max(1, round(common.KSAM_K * batch))
+    if common.backend_name() == "jax":
+        compiled, block = _jax_pieces(spec, batch, k)
+    else:
+        compiled, block = _tensorflow_pieces(spec, batch, k)
+    for f in compiled.values():
+        for _ in range(args.warmup):
+            block(f())
+    times: dict[str, list[float]] = {n: [] for n in compiled}
+    for _ in range(args.rounds):
+        for n, f in compiled.items():
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                block(f())
+                times[n].append(time.perf_counter() - start)
+    return {
+        "batch_size": batch,
+        "k": k,
+        "pieces": {
+            n: {"median_s": float(np.median(t)), "iqr_s": list(common.quartiles(t)[::2])}
+            for n, t in times.items()
+        },
+    }
+
+
+def _pieces_dict(k: int, functions: Sequence[Callable]) -> dict[str, Callable]:
+    names = [
+        "forward (training mode)",
+        "forward (inference mode)",
+        "forward + backward (clean pass)",
+        "stateless forward + backward (perturbed pass)",
+        "K-SAM scoring forward (whole batch, per-sample losses)",
+        f"stateless forward + backward on k={k} samples",
+        "optimizer apply (SGD-momentum)",
+        "hand-written SGD step (clean pass + apply)",
+        "hand-written SAM step (two passes + apply)",
+    ]
+    return dict(zip(names, functions, strict=True))
+
+
+def _tensorflow_pieces(spec: ModelSpec, batch: int, k: int) -> tuple[dict, Callable]:
     import keras
     import tensorflow as tf
 
-    batch = spec.batch_size
     x, y = (tf.constant(t) for t in spec.make_data(batch, 1))
     model = spec.build(0)
     optimizer = keras.optimizers.SGD(0.05, momentum=common.SGD_MOMENTUM)
     variables = model.trainable_variables
     optimizer.build(variables)
     per_sample = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-    k = max(1, round(common.KSAM_K * batch))
 
     def loss_fn(labels: Any, logits: Any) -> Any:
         return tf.reduce_mean(per_sample(labels, logits))
@@ -367,17 +479,10 @@ def time_pieces(spec: ModelSpec, args: argparse.Namespace) -> dict:
         optimizer.apply(tape.gradient(loss, values), variables)
         return optimizer.iterations.value
 
-    pieces = {
-        "forward (training mode)": forward_train,
-        "forward (inference mode)": forward_inference,
-        "forward + backward (clean pass)": forward_backward,
-        "stateless forward + backward (perturbed pass)": stateless_forward_backward,
-        "K-SAM scoring forward (whole batch, per-sample losses)": ksam_scores,
-        f"stateless forward + backward on k={k} samples": stateless_forward_backward_k,
-        "optimizer apply (SGD-momentum)": optimizer_apply,
-        "hand-written SGD step (clean pass + apply)": sgd_step,
-        "hand-written SAM step (two passes + apply)": sam_step,
-    }
+    pieces = _pieces_dict(k, [
+        forward_train, forward_inference, forward_backward, stateless_forward_backward,
+        ksam_scores, stateless_forward_backward_k, optimizer_apply, sgd_step, sam_step,
+    ])
     compiled = {n: tf.function(f, jit_compile=True) for n, f in pieces.items()}
 
     def block(out: Any) -> None:
@@ -385,24 +490,88 @@ def time_pieces(spec: ModelSpec, args: argparse.Namespace) -> dict:
             if t is not None:
                 np.asarray(t)
 
-    for f in compiled.values():
-        for _ in range(args.warmup):
-            block(f())
-    times: dict[str, list[float]] = {n: [] for n in compiled}
-    for _ in range(args.rounds):
-        for n, f in compiled.items():
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                block(f())
-                times[n].append(time.perf_counter() - start)
-    return {
-        "batch_size": batch,
-        "k": k,
-        "pieces": {
-            n: {"median_s": float(np.median(t)), "iqr_s": list(common.quartiles(t)[::2])}
-            for n, t in times.items()
-        },
+    return compiled, block
+
+
+def _jax_pieces(spec: ModelSpec, batch: int, k: int) -> tuple[dict, Callable]:
+    """The same pieces as pure functions of the variable values, each ``jax.jit``-ed.
+
+    The values are arguments (not closed-over constants), as in Keras' JAX train step;
+    under ``--data-parallel`` the batch is sharded like the trainers' batches.
+    """
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    x, y = spec.make_data(batch, 1)
+    distribution = keras.distribution.distribution()
+    if distribution is not None:
+        x, y = (keras.distribution.distribute_tensor(t, distribution.get_data_layout(t.shape))
+                for t in (x, y))
+    else:
+        x, y = jax.device_put(x), jax.device_put(y)
+    model = spec.build(0)
+    optimizer = keras.optimizers.SGD(0.05, momentum=common.SGD_MOMENTUM)
+    optimizer.build(model.trainable_variables)
+    per_sample = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    trainable = [v.value for v in model.trainable_variables]
+    state = [v.value for v in model.non_trainable_variables]
+    slots = [v.value for v in optimizer.variables]
+
+    def loss_and_state(values: Any, state: Any, xs: Any, ys: Any) -> Any:
+        logits, new_state = model.stateless_call(values, state, xs, training=True)
+        return jnp.mean(per_sample(ys, logits)), new_state
+
+    clean_grad = jax.grad(loss_and_state, has_aux=True)  # -> (grads, new BN statistics)
+
+    def stateless_grad(values: Any, state: Any, xs: Any, ys: Any) -> Any:
+        return jax.grad(lambda v: loss_and_state(v, state, xs, ys)[0])(values)
+
+    def forward_train(tv, ntv, xs, ys, ov):
+        return model.stateless_call(tv, ntv, xs, training=True)
+
+    def forward_inference(tv, ntv, xs, ys, ov):
+        return model.stateless_call(tv, ntv, xs, training=False)[0]
+
+    def forward_backward(tv, ntv, xs, ys, ov):
+        return clean_grad(tv, ntv, xs, ys)
+
+    def stateless_forward_backward(tv, ntv, xs, ys, ov):
+        return stateless_grad(tv, ntv, xs, ys)
+
+    def ksam_scores(tv, ntv, xs, ys, ov):
+        return per_sample(ys, model.stateless_call(tv, ntv, xs, training=True)[0])
+
+    def stateless_forward_backward_k(tv, ntv, xs, ys, ov):
+        return stateless_grad(tv, ntv, xs[:k], ys[:k])
+
+    zeros = [jnp.zeros_like(v) for v in trainable]
+
+    def optimizer_apply(tv, ntv, xs, ys, ov):
+        return optimizer.stateless_apply(ov, zeros, tv)
+
+    def sgd_step(tv, ntv, xs, ys, ov):
+        grads, new_state = clean_grad(tv, ntv, xs, ys)
+        return optimizer.stateless_apply(ov, grads, tv), new_state
+
+    def sam_step(tv, ntv, xs, ys, ov):
+        grads, new_state = clean_grad(tv, ntv, xs, ys)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in grads))
+        perturbed = [v + 0.05 * g / norm for v, g in zip(tv, grads)]
+        return optimizer.stateless_apply(ov, stateless_grad(perturbed, new_state, xs, ys), tv), \
+            new_state
+
+    pieces = _pieces_dict(k, [
+        forward_train, forward_inference, forward_backward, stateless_forward_backward,
+        ksam_scores, stateless_forward_backward_k, optimizer_apply, sgd_step, sam_step,
+    ])
+    compiled = {
+        n: functools.partial(jax.jit(f), trainable, state, x, y, slots)
+        for n, f in pieces.items()
     }
+    return compiled, jax.block_until_ready
 
 
 # ---------------------------------------------------------------------- RSS probes
@@ -428,7 +597,10 @@ def run_rss_probes(models: Sequence[str], names: Sequence[str], args: argparse.N
             command = [
                 sys.executable, "-m", "benchmarks.speed", "--probe-rss", model_name, name,
                 "--device", args.device, "--warmup", str(args.warmup), "--steps", str(args.steps),
-            ] + (["--quick"] if args.quick else [])
+                "--backend", common.backend_name(),
+            ] + (["--quick"] if args.quick else []) + (
+                ["--data-parallel"] if args.data_parallel else []
+            )
             env = dict(os.environ, PYTHONWARNINGS="ignore")
             done = subprocess.run(
                 command, capture_output=True, text=True, env=env,
@@ -461,6 +633,20 @@ def markdown(report: dict) -> str:
         "model and its base optimizer.",
         "",
     ]
+    machine = report["machine"]
+    if machine.get("keras_backend") == "jax":
+        parallel = report["settings"].get("data_parallel")
+        lines += [
+            f"Backend: JAX {machine['jax']} (jaxlib {machine['jaxlib']}), Keras "
+            f"{machine['keras']}, devices {', '.join(machine['jax_devices'])}"
+            + (", `keras.distribution.DataParallel` over all of them "
+               "(perturbation_scope=\"global\")" if parallel else "")
+            + f"; TensorFlow imported: {'yes' if machine.get('tensorflow_imported') else 'no'}. "
+            "The step is `jax.jit`-compiled by `fit` on one batch (not timed), then the "
+            "compiled `train_function` is called directly with the donated state on batches "
+            "already on the device.",
+            "",
+        ]
     for model_name, result in report["models"].items():
         lines += [
             f"## {model_name}: {result['description']} ({result['parameters']:,} weights)",
@@ -576,6 +762,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
         "--pieces", nargs="*", default=None, choices=list(MODELS),
         help="models whose step is timed piece by piece (default: cnn; none with --quick)",
     )
+    parser.add_argument(
+        "--data-parallel", action="store_true",
+        help="JAX only: keras.distribution.DataParallel over every local device "
+        "(perturbation_scope='global'); the batch is the global batch",
+    )
     parser.add_argument("--probe-rss", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -590,10 +781,35 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
     return args, parser
 
 
+SUPPORTED_BACKENDS = ("tensorflow", "jax")
+
+
+def setup_data_parallel(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``--data-parallel``: sets a DataParallel distribution; returns the device count."""
+    if not args.data_parallel:
+        return 1
+    if common.backend_name() != "jax":
+        parser.error("--data-parallel needs --backend jax (TensorFlow: see "
+                     "benchmarks.mirrored_xla for MirroredStrategy).")
+    import keras
+
+    devices = keras.distribution.list_devices()
+    used = {*args.models, *args.pieces, *args.rss_models}
+    bad = sorted(m for m in used if _spec(m, args.quick).batch_size % len(devices))
+    if bad:
+        parser.error(f"--data-parallel: the batch size of {bad} is not divisible by the "
+                     f"{len(devices)} devices.")
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    return len(devices)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args, parser = parse_args(argv)
-    common.setup_backend(args.backend, parser)
+    common.setup_backend(args.backend, parser, SUPPORTED_BACKENDS)
     device = common.setup_device(args.device, parser)
+    if args.probe_rss:
+        args.models = [args.probe_rss[0]]
+    devices = setup_data_parallel(args, parser)
     if args.probe_rss:
         result = probe_rss(*args.probe_rss, args)
         print("RSS_PROBE " + json.dumps(result), flush=True)
@@ -601,8 +817,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     methods = common.all_methods()
     names = common.select_methods(args.methods, methods)
     machine = common.machine_info(device)
-    print(f"speed benchmark on {device}; load {machine['load_average_1_5_15']}; "
-          f"methods {names}", flush=True)
+    jax_backend = machine["keras_backend"] == "jax"
+    print(f"speed benchmark on {device}"
+          + (f" (JAX, {devices} device(s){', data parallel' if args.data_parallel else ''})"
+             if jax_backend else "")
+          + f"; load {machine['load_average_1_5_15']}; methods {names}", flush=True)
     start = time.perf_counter()
     report: dict[str, Any] = {
         "machine": machine,
@@ -619,6 +838,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "targets": {f"{m}/{n}": t for (m, n), t in TARGETS.items()},
         "models": {},
     }
+    if jax_backend:
+        report["settings"]["data_parallel"] = args.data_parallel
+        report["settings"]["devices"] = devices
     for model_name in args.models:
         print(f"model {model_name}", flush=True)
         spec = _spec(model_name, args.quick)
@@ -632,6 +854,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.rss_models:
         report["rss"] = run_rss_probes(args.rss_models, names, args)
     report["machine"]["load_average_at_end"] = common.load_now()
+    if jax_backend:
+        report["machine"]["tensorflow_imported"] = common.tensorflow_imported()
     report["wall_clock_s"] = time.perf_counter() - start
     out = common.ensure_dir(args.out)
     common.write_json(out / "speed.json", report)

@@ -60,7 +60,7 @@ WRAPPERS = [
     _wrapper(keras_sam.KSAM, k=1.0),
     # One layer (the backward is cut) and all layers (reduces to SAM).
     _wrapper(keras_sam.LayerwiseSAM, num_layers=1),
-    _wrapper(keras_sam.LayerwiseSAM, num_layers=1.0),
+    _wrapper(keras_sam.LayerwiseSAM, num_layers=1.0, layers=None),
 ]
 
 def _optimizer(cls: type, base: Callable[[], keras.optimizers.Optimizer], **extra: Any) -> Method:

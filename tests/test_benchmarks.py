@@ -2,6 +2,10 @@
 
 import json
 import math
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -50,8 +54,62 @@ def test_generalization_quick_reports_every_method(tmp_path):
 
 def test_unsupported_backend_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
-        speed.main(["--backend", "jax", "--quick"])
-    assert "only supports the TensorFlow backend" in capsys.readouterr().err
+        speed.main(["--backend", "torch", "--quick"])
+    assert "supports tensorflow and jax only" in capsys.readouterr().err
+
+
+def test_data_parallel_needs_jax(capsys):
+    with pytest.raises(SystemExit):
+        speed.main(["--data-parallel", "--quick"])
+    assert "--data-parallel needs --backend jax" in capsys.readouterr().err
+
+
+# Runs `python -m benchmarks.speed` on an interpreter where TensorFlow cannot be imported
+# (as on the GPU machines that only have JAX) and records every attempt to import it.
+_WITHOUT_TENSORFLOW = """
+import importlib.abc, runpy, sys
+attempts = []
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow":
+            attempts.append(name)
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+sys.meta_path.insert(0, NoTensorFlow())
+sys.argv = ["benchmarks.speed", *sys.argv[1:]]
+try:
+    runpy.run_module("benchmarks.speed", run_name="__main__", alter_sys=True)
+finally:
+    print("TENSORFLOW_IMPORT_ATTEMPTS", attempts, "LOADED", sys.modules.get("tensorflow"))
+"""
+
+
+def test_speed_quick_on_jax_without_tensorflow(tmp_path):
+    pytest.importorskip("jax")
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TENSORFLOW, "--backend", "jax", "--device", "cpu",
+         "--quick", "--pieces", "mlp", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "TENSORFLOW_IMPORT_ATTEMPTS [] LOADED None" in done.stdout, done.stdout[-2000:]
+    report = json.loads((tmp_path / "speed.json").read_text())
+    machine = report["machine"]
+    assert machine["keras_backend"] == "jax" and machine["jax_devices"]
+    assert "tensorflow" not in machine and machine["tensorflow_imported"] is False
+    for model in report["models"].values():
+        assert set(model["methods"]) == _expected_methods()
+        for name, r in model["methods"].items():
+            assert _finite(r["ratio"]) and r["ratio"] > 0, name
+            assert _finite(r["median_step_s"]) and r["median_step_s"] > 0, name
+        assert model["methods"]["sgd"]["ratio"] == 1.0
+    pieces = report["pieces"]["mlp"]["pieces"]
+    assert len(pieces) == 9 and all(p["median_s"] > 0 for p in pieces.values())
+    assert "Backend: JAX" in (tmp_path / "speed.md").read_text()
+    print(f"JAX speed benchmark subprocess: {elapsed:.1f} s")
 
 
 def test_sharpness_is_zero_free_and_positive_on_a_trained_quadratic():

@@ -20,7 +20,7 @@ from keras_sam.ops import dual_vector, global_norm
 
 RADII = ("joint", "per_layer")
 
-LayersLike = Sequence[Any] | Callable[[keras.layers.Layer], bool] | None
+LayersLike = float | Sequence[Any] | Callable[[keras.layers.Layer], bool] | None
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -55,6 +55,11 @@ class LayerwiseSAM(SharpnessAwareTrainer):
     * **Re-selection** every ``reselect_every`` optimizer steps (default 1).
       Before the first re-selection there is no history: the K output-side-most
       layers (last in the model's variable order) are used.
+    * **Candidates: the output-side quarter of the layers** by default
+      (``layers=0.25``). The paper finds the critical layers mostly on the
+      output side, and the step's cost grows with the depth of the lowest
+      chosen layer (see the cost below): a large-gradient layer near the input
+      makes the step cost SAM's. ``layers=None`` searches every layer.
     * **K**: ``num_layers``, a count or a fraction of the candidate layers
       (default 0.25, rounded up).
     * **Joint radius** by default, so that the method reduces to SAM.
@@ -98,12 +103,14 @@ class LayerwiseSAM(SharpnessAwareTrainer):
             of the candidates, rounded up). Defaults to `0.25`.
         reselect_every: re-rank the layers every this many optimizer steps
             (int >= 1). Defaults to `1`.
-        layers: which layers may be chosen. ``None`` (default): every layer that
-            owns trainable variables itself (nested models are entered). Or a
-            list of layers or layer names (each with all its trainable
-            variables, e.g. a whole residual block), or a predicate
-            ``layer -> bool`` over the default layers. Other variables are never
-            perturbed.
+        layers: which layers may be chosen (the candidates). A float in (0, 1]
+            (default `0.25`): the output-side fraction of the model's layers
+            (rounded up; a layer is one that owns trainable variables itself,
+            nested models are entered; ordered as the model's variables).
+            ``None``: every such layer. Or a list of layers or layer names (each
+            with all its trainable variables, e.g. a whole residual block), or a
+            predicate ``layer -> bool`` over every such layer. Other variables
+            are never perturbed.
         radius: ``"joint"`` (default; one ρ-ball over the chosen layers, reduces
             to SAM) or ``"per_layer"`` (a ρ-ball per chosen layer).
         ranking_decay: decay β in [0, 1) of the moving average of the layer
@@ -143,7 +150,7 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         rho: rho_lib.RhoLike = 0.05,
         num_layers: float | int = 0.25,
         reselect_every: int = 1,
-        layers: LayersLike = None,
+        layers: LayersLike = 0.25,
         radius: str = "joint",
         ranking_decay: float = 0.9,
         max_cuts: int = 8,
@@ -163,7 +170,7 @@ class LayerwiseSAM(SharpnessAwareTrainer):
                 "LayerwiseSAM needs a built `model` to enumerate its layers: give it an "
                 "`Input` or call `model.build(input_shape)` before wrapping it."
             )
-        self._units, self._restricted = _candidate_units(model, layers)
+        self._units, self._layers_config = _candidate_units(model, layers)
         n = len(self._units)
         self.num_chosen = _count(self.num_layers, n)
         # The lowest chosen layer is never above n - K: no cut is needed there.
@@ -219,26 +226,26 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         inside one XLA program (``jit_compile=True``, and always on JAX) the
         perturbed pass reuses them instead of recomputing them. Both savings
         need the cut to be static, so each cut depth in use gets its own
-        compiled step (at most ``len(cut_points)``, built on first use), and the
-        selection is renewed between calls (`_reselect`), never inside a step.
+        compiled step (at most ``len(cut_points)``, each compiled on first use),
+        and the selection is renewed between calls (`_reselect`), never inside a
+        step.
         """
         if self.train_function is not None and not force:
             return self.train_function
-        by_cut: dict[int, Any] = {}
+        by_cut = {}
+        for cut in self.cut_points:  # now: Keras reads the variables' shardings here
+            with self._tracing_cut(cut), self._own_train_step():
+                super().make_train_function(force=True)
+            by_cut[cut] = self.train_function
         iterations_before = [0]
 
         def choose(read: Callable) -> Callable:
             cut = self._cut_below(read(self._selection))
-            if cut not in by_cut:
-                with self._tracing_cut(cut), self._own_train_step():
-                    super(LayerwiseSAM, self).make_train_function(force=True)
-                by_cut[cut] = self.train_function
-                self.train_function = dispatcher
             iterations_before[0] = self._optimizer_steps(read)
             compiled = by_cut[cut]
 
             def run(*args: Any) -> Any:
-                with self._tracing_cut(cut):  # read if Keras (re)traces the step now
+                with self._tracing_cut(cut):  # read when Keras traces the step
                     return compiled(*args)
 
             return run
@@ -361,7 +368,7 @@ class LayerwiseSAM(SharpnessAwareTrainer):
             {
                 "num_layers": self.num_layers,
                 "reselect_every": self.reselect_every,
-                "layers": self.candidate_layers if self._restricted else None,
+                "layers": self._layers_config,
                 "radius": self.radius,
                 "ranking_decay": self.ranking_decay,
                 "max_cuts": self.max_cuts,
@@ -433,22 +440,32 @@ def _own_trainable_variables(layer: keras.layers.Layer) -> list:
     return [v for v in layer.trainable_variables if id(v) not in nested]
 
 
-def _candidate_units(model: keras.Model, layers: LayersLike) -> tuple[list, bool]:
-    """(layer, its variables) pairs, sorted input side first; and whether restricted."""
+def _candidate_units(model: keras.Model, layers: LayersLike) -> tuple[list, Any]:
+    """(layer, its variables) pairs, sorted input side first; and ``layers`` for the config."""
     all_layers = list(model._flatten_layers(include_self=False, recursive=True))
+    order = {id(v): i for i, v in enumerate(model.trainable_variables)}
     default = [(layer, _own_trainable_variables(layer)) for layer in all_layers]
     default = [(layer, vs) for layer, vs in default if vs]
+    default.sort(key=lambda unit: min(order[id(v)] for v in unit[1]))
     if layers is None:
-        units, restricted = default, False
+        units, config = default, None
+    elif isinstance(layers, numbers.Real) and not isinstance(layers, (bool, numbers.Integral)):
+        if not math.isfinite(layers) or not 0.0 < layers <= 1.0:
+            raise ValueError(
+                "`layers` as a float is the output-side fraction of the layers and must be "
+                f"in (0, 1], got {layers}."
+            )
+        units, config = default[len(default) - _count(float(layers), len(default)) :], layers
     elif callable(layers) and not isinstance(layers, keras.layers.Layer):
         units = [(layer, vs) for layer, vs in default if layers(layer)]
-        restricted = True
+        config = [layer.name for layer, _ in units]
     elif isinstance(layers, (list, tuple)):
         units = [_resolve(model, all_layers, item) for item in layers]
-        restricted = True
+        config = [layer.name for layer, _ in units]
     else:
         raise TypeError(
-            "`layers` must be None, a list of layers or layer names, or a predicate "
+            "`layers` must be a float in (0, 1] (an output-side fraction of the layers), "
+            "None (every layer), a list of layers or layer names, or a predicate "
             f"`layer -> bool`, got {type(layers).__name__}."
         )
     if not units:
@@ -462,9 +479,10 @@ def _candidate_units(model: keras.Model, layers: LayersLike) -> tuple[list, bool
                     f"{seen[id(v)]!r}; candidate layers must not overlap."
                 )
             seen[id(v)] = layer.name
-    order = {id(v): i for i, v in enumerate(model.trainable_variables)}
     units.sort(key=lambda unit: min(order[id(v)] for v in unit[1]))
-    return units, restricted
+    if isinstance(config, list):
+        config = [layer.name for layer, _ in units]
+    return units, config
 
 
 def _resolve(model: keras.Model, all_layers: list, item: Any) -> tuple:

@@ -47,7 +47,7 @@ RUNS = {
     "sam": lambda m: (keras_sam.SAM(m, rho=0.2), sgd()),
     "asam": lambda m: (keras_sam.ASAM(m, rho=0.5), sgd()),
     "ksam": lambda m: (keras_sam.KSAM(m, rho=0.2, k=0.5), sgd()),
-    "layerwise": lambda m: (keras_sam.LayerwiseSAM(m, rho=0.2, num_layers=2), sgd()),
+    "layerwise": lambda m: (keras_sam.LayerwiseSAM(m, rho=0.2, num_layers=2, layers=None), sgd()),
     "msam": lambda m: (m, keras_sam.optimizers.MSAM(0.1, momentum=0.9, rho=0.3)),
     "adamw_msam": lambda m: (m, keras_sam.optimizers.AdamWMSAM(0.01, rho=0.3)),
 }

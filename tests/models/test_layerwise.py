@@ -27,7 +27,7 @@ NEVER = 10**9  # reselect_every that keeps the initial selection
 def _mlp_trainer(params, chosen, radius="joint", rho=0.2, jit_compile=False, **kwargs):
     trainer = LayerwiseSAM(
         keras_mlp(params), rho=rho, num_layers=len(chosen), reselect_every=NEVER,
-        radius=radius, **kwargs,
+        radius=radius, layers=None, **kwargs,
     )
     trainer.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=jit_compile)
     mask = np.zeros(2, "float32")
@@ -78,7 +78,7 @@ def test_all_layers_equals_sam(jit_compile):
     x, y = classification_data(n=40)
     results = []
     for trainer in (
-        LayerwiseSAM(bn_dropout_model(), rho=0.1, num_layers=1.0),
+        LayerwiseSAM(bn_dropout_model(), rho=0.1, num_layers=1.0, layers=None),
         keras_sam.SAM(bn_dropout_model(), rho=0.1),
     ):
         keras.utils.set_random_seed(5)
@@ -111,7 +111,7 @@ def test_zero_layers_equals_base_optimizer(jit_compile):
 @pytest.mark.parametrize("radius", ["joint", "per_layer"])
 def test_perturbation_touches_only_chosen_layers(radius):
     model = bn_dropout_model()
-    trainer = LayerwiseSAM(model, rho=0.3, num_layers=2, radius=radius)
+    trainer = LayerwiseSAM(model, rho=0.3, num_layers=2, radius=radius, layers=None)
     trainer.compile(optimizer="sgd", loss=logits_loss())
     assert trainer.candidate_layers == ["dense_in", "bn", "dense_out"]
     trainer._selection.assign(np.array([1.0, 0.0, 1.0], "float32"))
@@ -184,7 +184,8 @@ def test_largest_gradient_layer_is_chosen_on_schedule_without_retracing(jit_comp
     x, y = classification_data(n=32)
     CountingLayerwiseSAM.traces = 0
     trainer = CountingLayerwiseSAM(
-        _scaled_middle_model(), rho=0.05, num_layers=1, reselect_every=3, max_cuts=4
+        _scaled_middle_model(), rho=0.05, num_layers=1, reselect_every=3, max_cuts=4,
+        layers=None,
     )
     trainer.compile(optimizer=keras.optimizers.SGD(0.01), loss=logits_loss(),
                     jit_compile=jit_compile)
@@ -211,7 +212,9 @@ def test_largest_gradient_layer_is_chosen_on_schedule_without_retracing(jit_comp
 
 def test_reselection_with_steps_per_execution_happens_between_executions():
     x, y = classification_data(n=32)
-    trainer = LayerwiseSAM(_scaled_middle_model(), rho=0.05, num_layers=1, reselect_every=3)
+    trainer = LayerwiseSAM(
+        _scaled_middle_model(), rho=0.05, num_layers=1, reselect_every=3, layers=None
+    )
     trainer.compile(optimizer=keras.optimizers.SGD(0.01), loss=logits_loss(),
                     steps_per_execution=2)
     seen = []
@@ -259,7 +262,9 @@ def test_compiled_step_truncates_the_ascent_and_reuses_activations():
     forward and 9 backward (5 kernel + 4 input gradients), SAM twice that; with the head
     alone perturbed, SGD's 14 + 1 (the head's ascent gradient) + 1 (its perturbed forward)."""
     x, y = classification_data(n=16, n_in=6, n_classes=2)
-    trainer = LayerwiseSAM(_deep_mlp(), rho=0.1, num_layers=1, reselect_every=NEVER)
+    trainer = LayerwiseSAM(
+        _deep_mlp(), rho=0.1, num_layers=1, reselect_every=NEVER, layers=None
+    )
     sam = keras_sam.SAM(_deep_mlp())
     sgd = keras_sam.models.ModelWrapper(_deep_mlp())
     for model in (trainer, sam, sgd):
@@ -279,7 +284,7 @@ def test_batchnorm_statistics_updated_once_at_clean_weights():
     x, y = classification_data(n=16)
     reference = bn_dropout_model()
     reference(x, training=True)
-    trainer = LayerwiseSAM(bn_dropout_model(), rho=1.0, num_layers=1.0)
+    trainer = LayerwiseSAM(bn_dropout_model(), rho=1.0, num_layers=1.0, layers=None)
     trainer.compile(optimizer=keras.optimizers.SGD(0.0), loss=logits_loss())
     trainer.fit(x, y, batch_size=16, epochs=1, verbose=0)
     bn = trainer.model.get_layer("bn")
@@ -301,6 +306,10 @@ def test_config_round_trip():
         assert getattr(clone, key) == getattr(trainer, key), key
     assert clone.candidate_layers == trainer.candidate_layers
     assert clone.name == "lw"
+    for layers, candidates in ((0.5, ["bn", "dense_out"]), (None, ["dense_in", "bn", "dense_out"])):
+        config = LayerwiseSAM(bn_dropout_model(), layers=layers).get_config()
+        assert config["layers"] == layers
+        assert LayerwiseSAM.from_config(config).candidate_layers == candidates
 
 
 def _bn_model():
@@ -347,11 +356,13 @@ def test_candidates_from_objects_names_and_nested_models():
     inputs = keras.Input((4,))
     outputs = keras.layers.Dense(2, name="head")(inner(inputs))
     model = keras.Model(inputs, outputs)
-    assert LayerwiseSAM(model).candidate_layers == ["a", "b", "head"]
+    assert LayerwiseSAM(model, layers=None).candidate_layers == ["a", "b", "head"]
+    assert LayerwiseSAM(model).candidate_layers == ["head"]  # output-side quarter, rounded up
+    assert LayerwiseSAM(model, layers=0.5).candidate_layers == ["b", "head"]
     trainer = LayerwiseSAM(model, layers=["head", inner])  # a whole block is one layer
     assert trainer.candidate_layers == ["block", "head"]
-    assert LayerwiseSAM(model, num_layers=0.25).num_chosen == 1  # fraction rounds up
-    assert LayerwiseSAM(model, num_layers=10).num_chosen == 3
+    assert LayerwiseSAM(model, layers=None, num_layers=0.25).num_chosen == 1  # rounds up
+    assert LayerwiseSAM(model, layers=None, num_layers=10).num_chosen == 3
 
 
 def _two_layer_model():
@@ -374,6 +385,11 @@ def _two_layer_model():
     ({"layers": [keras.layers.Dense(2)]}, ValueError, "layers"),
     ({"layers": [3]}, TypeError, "layers"),
     ({"layers": "dense"}, TypeError, "layers"),
+    ({"layers": 0.0}, ValueError, "layers"),
+    ({"layers": 1.5}, ValueError, "layers"),
+    ({"layers": float("nan")}, ValueError, "layers"),
+    ({"layers": 1}, TypeError, "layers"),
+    ({"layers": True}, TypeError, "layers"),
     ({"layers": lambda layer: False}, ValueError, "layers"),
     ({"rho": -0.1}, ValueError, "rho"),
 ])
