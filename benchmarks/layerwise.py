@@ -9,7 +9,8 @@ ranking every layer (``layers=None``), and LayerwiseSAM with the K output-side-m
 layers fixed (K = 1 ... 13; K = 13 is SAM). The step's cost follows the depth of the
 lowest chosen layer, so the fixed rows give the cost curve and the live rows show
 where the ranking puts the cut. Interleaved rounds; median step time; ratios to SGD
-and to SAM from the same process. Writes ``layerwise.md`` into ``--out``.
+and to SAM from the same process (steps timed with `train_on_batch`: timing `fit`
+calls of a few steps proved erratic). Writes ``layerwise.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -78,9 +79,11 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in trainers}
     for _ in range(rounds):
         for name, trainer in trainers.items():
+            trainer.train_on_batch(x[:batch], y[:batch])  # not timed
             start = time.perf_counter()
-            trainer.fit(x[: batch * steps], y[: batch * steps], batch_size=batch,
-                        shuffle=False, verbose=0)
+            for step in range(steps):
+                trainer.train_on_batch(x[step * batch : (step + 1) * batch],
+                                       y[step * batch : (step + 1) * batch])
             times[name].append((time.perf_counter() - start) / steps * 1e3)
     median = {name: float(np.median(t)) for name, t in times.items()}
     sgd, sam = median["SGD-momentum (base)"], median["SAM"]
@@ -105,7 +108,8 @@ def main() -> None:
         f"{tuple(round(v, 2) for v in os.getloadavg())}.",
         "",
         "CNN + BatchNorm of the speed benchmark, batch "
-        f"{batch}, XLA; median `fit` step of {rounds} interleaved rounds × {steps} steps "
+        f"{batch}, XLA; median `train_on_batch` step of {rounds} interleaved rounds × "
+        f"{steps} steps "
         "after warm-up. *Lowest chosen*: the position of the lowest chosen layer among "
         "the model's layers with weights (0 = the first conv), at the end of the run.",
         "",

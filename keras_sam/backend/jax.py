@@ -23,15 +23,27 @@ means "assigns to variables in the current scope":
 Losses are multiplied by the optimizer's loss scale before differentiation;
 gradients are returned scaled, as on TensorFlow.
 
-Distribution: with `keras.distribution.DataParallel`, `jax.jit` compiles one SPMD
-program for the global batch, so every gradient seen here is already the
-global-batch gradient. `num_replicas` is 1 and `all_reduce_sum` is the identity;
-the perturbation is that of one device on the global batch
-(``perturbation_scope="global"``). Per-device perturbations
-(``"replica"``, m-sharpness) are not implemented on JAX: `stateful_train_step`
-warns when they are asked for on more than one device. For the same reason K-SAM
-ranks the samples of the whole global batch (not of each device's shard), and
-LayerwiseSAM ranks layers by the global-batch gradient.
+Distribution (`keras.distribution.DataParallel`):
+
+* ``perturbation_scope="global"``: `jax.jit` compiles one SPMD program for the
+  global batch, so every gradient seen here is the global-batch gradient;
+  `num_replicas` is 1, `all_reduce_sum` the identity, and the step is exactly one
+  device's on the global batch (K-SAM ranks the samples of the whole global batch,
+  LayerwiseSAM ranks layers by the global-batch gradient).
+* ``perturbation_scope="replica"`` (default) on more than one device:
+  `stateful_train_step` runs the step once per device inside `jax.shard_map`
+  (`keras_sam.backend.jax_replicas`). Each device computes its own ascent
+  gradient, ε and perturbed gradient on its shard of the batch (m-sharpness with
+  m = the per-device batch, as each replica does under
+  `tf.distribute.MirroredStrategy`; K-SAM ranks the samples of the device's
+  shard, LayerwiseSAM ranks layers by device 0's gradient). The functions below
+  then follow TensorFlow's replica conventions: losses are divided by the number
+  of devices, `num_replicas` is that number, `all_reduce_sum` is a `psum`, and
+  the optimizer steps with the gradients summed over the devices (the
+  global-batch gradient when ρ = 0), so every device takes the same step or
+  skips it. BatchNorm statistics are averaged over the devices, metrics summed,
+  and the logs are the global batch's; see `keras_sam.backend.jax_replicas`.
+  Other distributions (`ModelParallel`) keep the global semantics and warn.
 
 Cost notes: `apply_if_finite` computes the optimizer update and
 selects it with `where` (no side-effecting `cond` under `jit`), so a skipped step
@@ -41,7 +53,6 @@ costs as much as a taken one.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,18 +60,11 @@ import jax
 import keras
 from keras import ops, tree
 
+from keras_sam.backend import jax_replicas
+
 Tensor = Any
 Reader = Callable[[Any], Any]
 Writer = Callable[[Any, Any], None]
-
-_REPLICA_SCOPE_WARNING = (
-    "{name}: perturbation_scope='replica' (per-device perturbations, m-sharpness) is not "
-    "implemented on the JAX backend. Under keras.distribution.{distribution} over {devices} "
-    "devices the jit-compiled step sees the global-batch gradient, so the perturbation is "
-    "computed from the whole global batch, exactly as with perturbation_scope='global' "
-    "(one device on the global batch). Pass perturbation_scope='global' to silence this "
-    "warning."
-)
 
 
 # --------------------------------------------------------------------------- the step
@@ -75,19 +79,26 @@ def stateful_train_step(step: Callable[[Any, Any], dict]) -> Callable[..., Any]:
 
     @functools.wraps(step)
     def train_step(trainer: Any, state: Any, data: Any) -> tuple[dict, tuple]:
-        _check_perturbation_scope(trainer)
         groups = _state_variables(trainer)
-        mapping = [
-            (variable, value)
-            for variables, values in zip(groups, state)
-            for variable, value in zip(variables, values)
-        ]
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            logs = step(trainer, data)
-        new_state = tuple(
-            [scope.get_current_value(v) for v in variables] for variables in groups
-        )
-        return logs, new_state
+
+        def run(state: Any, data: Any) -> tuple[dict, tuple]:
+            mapping = [
+                (variable, value)
+                for variables, values in zip(groups, state)
+                for variable, value in zip(variables, values)
+            ]
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                logs = step(trainer, data)
+            new_state = tuple(
+                [scope.get_current_value(v) for v in variables] for variables in groups
+            )
+            return logs, new_state
+
+        # perturbation_scope="replica" on several devices: one step per device (shard_map).
+        mesh = jax_replicas.data_parallel_mesh(trainer)
+        if mesh is None:
+            return run(state, data)
+        return jax_replicas.per_device_step(run, trainer, groups, state, data, *mesh)
 
     return train_step
 
@@ -100,25 +111,6 @@ def _state_variables(trainer: Any) -> tuple[list, list, list, list]:
         list(trainer.optimizer.variables),
         list(trainer.metrics_variables),
     )
-
-
-def _check_perturbation_scope(trainer: Any) -> None:
-    """Warns (at trace time) when per-device perturbations are asked for on >1 device."""
-    if getattr(trainer, "perturbation_scope", "global") != "replica":
-        return
-    distribution = keras.distribution.distribution()
-    if distribution is None:
-        return
-    devices = int(distribution.device_mesh.devices.size)
-    if devices > 1:
-        warnings.warn(
-            _REPLICA_SCOPE_WARNING.format(
-                name=type(trainer).__name__,
-                distribution=type(distribution).__name__,
-                devices=devices,
-            ),
-            stacklevel=3,
-        )
 
 
 def dispatched_train_function(
@@ -170,13 +162,18 @@ def snapshot(variables: Sequence[Any]) -> list[Tensor]:
 
 
 def num_replicas() -> int:
-    """1: under `keras.distribution` the jit-compiled step computes the global loss."""
-    return 1
+    """The devices of a per-device step (``"replica"`` scope under DataParallel), else 1.
+
+    Outside a per-device step the jit-compiled (SPMD) step computes the global loss.
+    """
+    replicas = jax_replicas.current()
+    return 1 if replicas is None else replicas.size
 
 
 def all_reduce_sum(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
-    """Identity: SPMD gradients are already global-batch gradients."""
-    return list(tensors)
+    """Sums over the devices of a per-device step (`psum`); else the identity
+    (SPMD gradients are already global-batch gradients)."""
+    return jax_replicas.psum(tensors)
 
 
 def loss_scale(optimizer: Any) -> Tensor:
@@ -230,33 +227,40 @@ def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) 
     ``apply_fn`` runs in a scope that collects its assignments; each assigned
     variable then receives ``where(finite, new, old)``. Under `jax.jit` both
     outcomes are computed (no data-dependent control flow with side effects), and
-    a skipped step leaves every variable bit-for-bit as it was.
+    a skipped step leaves every variable bit-for-bit as it was. In a per-device
+    step, ``apply_fn`` gets the gradients summed over the devices, and the step is
+    taken on every device or on none (`jax_replicas.reduced_update`).
     """
-    with _OverlayScope() as scope:
-        apply_fn(grads, variables)
-    for variable in scope.updated.values():
-        old = scope.outer_value(variable)
-        new = scope.state_mapping[id(variable)]
-        variable.assign(ops.where(finite, new, old))
+    with jax_replicas.reduced_update(list(grads), finite) as (grads, finite):
+        with _OverlayScope() as scope:
+            apply_fn(grads, variables)
+        for variable in scope.updated.values():
+            old = scope.outer_value(variable)
+            new = scope.state_mapping[id(variable)]
+            variable.assign(ops.where(finite, new, old))
 
 
 def apply_gradients(optimizer: Any, grads: list, variables: Sequence[Any]) -> None:
     """``optimizer.apply(grads, variables)`` through `stateless_apply`.
 
     `LossScaleOptimizer.apply` branches with `ops.cond` around assignments, which
-    only works statefully; its `stateless_apply` is the JAX-safe equivalent.
+    only works statefully; its `stateless_apply` is the JAX-safe equivalent. In a
+    per-device step it gets the gradients summed over the devices.
     """
     if not optimizer.built:
         optimizer.build(variables)
-    optimizer_values = [v.value for v in optimizer.variables]
-    trainable_values = [v.value for v in optimizer._trainable_variables]
-    new_trainable, new_optimizer = optimizer.stateless_apply(
-        optimizer_values, grads, trainable_values
-    )
-    for variable, value in zip(optimizer._trainable_variables, new_trainable):
-        variable.assign(value)
-    for variable, value in zip(optimizer.variables, new_optimizer):
-        variable.assign(value)
+    position = {id(v): i for i, v in enumerate(variables)}  # in the optimizer's order
+    grads = [grads[position[id(v)]] for v in optimizer._trainable_variables]
+    with jax_replicas.reduced_update(grads, None) as (grads, _):
+        optimizer_values = [v.value for v in optimizer.variables]
+        trainable_values = [v.value for v in optimizer._trainable_variables]
+        new_trainable, new_optimizer = optimizer.stateless_apply(
+            optimizer_values, grads, trainable_values
+        )
+        for variable, value in zip(optimizer._trainable_variables, new_trainable):
+            variable.assign(value)
+        for variable, value in zip(optimizer.variables, new_optimizer):
+            variable.assign(value)
 
 
 # --------------------------------------------------------------------------- passes
@@ -271,7 +275,9 @@ def _pure_loss(
 ) -> tuple[Tensor, Any, list, list]:
     """Training-mode forward and compiled loss at the given values; writes nothing.
 
-    Returns ``(loss, y_pred, new_non_trainable_values, new_metrics_values)``.
+    Returns ``(loss, y_pred, new_non_trainable_values, new_metrics_values)``; in a
+    per-device step the loss is divided by the number of devices, as Keras divides
+    compiled losses under `tf.distribute`.
     """
     y_pred, non_trainable_values, losses = trainer.stateless_call(
         trainable_values, non_trainable_values, x, training=True, return_losses=True
@@ -290,7 +296,7 @@ def _pure_loss(
         )
     finally:
         trainer._losses_override = []
-    return loss, y_pred, non_trainable_values, metrics_values
+    return jax_replicas.scale_loss(loss), y_pred, non_trainable_values, metrics_values
 
 
 def _current(trainer: Any) -> tuple[list, list, list]:

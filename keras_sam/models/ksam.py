@@ -45,8 +45,11 @@ class KSAM(SharpnessAwareTrainer):
         k: a float in (0, 1]: the fraction of each batch, k = max(1, round(k·|B|))
             per actual batch (so a smaller last batch keeps the fraction); or an
             int >= 1: a sample count (the whole batch when larger). Defaults to `0.1`.
-        perturbation_scope: ``"replica"`` (default) or ``"global"``. Samples are
-            always ranked per replica, on its local shard.
+        perturbation_scope: ``"replica"`` (default) or ``"global"``. Under
+            `tf.distribute` samples are always ranked per replica, on its local
+            shard; under JAX's `keras.distribution.DataParallel` per device with
+            ``"replica"``, and over the whole global batch with ``"global"`` (the
+            step is one SPMD program there).
         **kwargs: passed to `keras.Model`.
 
     Raises:

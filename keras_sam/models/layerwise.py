@@ -12,6 +12,7 @@ from typing import Any
 import keras
 import numpy as np
 from keras import ops
+from keras.src.utils import tracking
 
 from keras_sam import backend
 from keras_sam import rho as rho_lib
@@ -170,7 +171,9 @@ class LayerwiseSAM(SharpnessAwareTrainer):
                 "LayerwiseSAM needs a built `model` to enumerate its layers: give it an "
                 "`Input` or call `model.build(input_shape)` before wrapping it."
             )
-        self._units, self._layers_config = _candidate_units(model, layers)
+        units, self._layers_config = _candidate_units(model, layers)
+        with tracking.DotNotTrackScope():  # the layers stay the model's, in its order
+            self._units = units
         n = len(self._units)
         self.num_chosen = _count(self.num_layers, n)
         # The lowest chosen layer is never above n - K: no cut is needed there.

@@ -358,6 +358,8 @@ def test_candidates_from_objects_names_and_nested_models():
     model = keras.Model(inputs, outputs)
     assert LayerwiseSAM(model, layers=None).candidate_layers == ["a", "b", "head"]
     assert LayerwiseSAM(model).candidate_layers == ["head"]  # output-side quarter, rounded up
+    paths = [v.path for v in LayerwiseSAM(model).trainable_variables]
+    assert paths == [v.path for v in model.trainable_variables]  # in the model's order
     assert LayerwiseSAM(model, layers=0.5).candidate_layers == ["b", "head"]
     trainer = LayerwiseSAM(model, layers=["head", inner])  # a whole block is one layer
     assert trainer.candidate_layers == ["block", "head"]
