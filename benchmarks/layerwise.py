@@ -21,18 +21,22 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import common
+
 FIXED_K = (1, 2, 4, 7, 10, 13)
 
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="tensorflow", choices=("tensorflow", "jax"))
+    parser.add_argument("--backend", default="tensorflow", help="'tensorflow' or 'jax'")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--warmup-epochs", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent.parent / "docs/benchmarks"))
     parser.add_argument("--quick", action="store_true", help="tiny run (tests)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    common.setup_backend(args.backend, parser, supported=("tensorflow", "jax"))
+    return args
 
 
 def _configs(keras_sam: object) -> dict:
@@ -52,8 +56,6 @@ def _configs(keras_sam: object) -> dict:
 
 def main() -> None:
     args = _parse()
-    os.environ["KERAS_BACKEND"] = args.backend
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
 
