@@ -71,17 +71,20 @@ class LayerwiseSAM(SharpnessAwareTrainer):
       layers from the cut up, so backpropagation stops there; layers below the
       cut are not perturbed (ε = 0 is known when the step is compiled), so the
       perturbed pass computes the same activations below the cut as the clean
-      pass, and XLA (``jit_compile=True``, the default on TensorFlow, and always
-      on JAX) computes them once. The perturbed backward is full: the descent
+      pass, and XLA (``jit_compile=True``, the default on TensorFlow) computes
+      them once. On JAX, XLA does not merge the two passes through reductions
+      such as BatchNorm's: the perturbed forward is recomputed from the first
+      such layer below the cut up. The perturbed backward is full: the descent
       gradient of every layer is needed. Each cut depth in use is one compiled
-      step (built on first use, at most ``len(cut_points)``); the selection is
-      renewed between steps, on the host, so re-selection never retraces.
+      step (compiled on first use, at most ``len(cut_points)``); the selection
+      is renewed between steps, on the host, so re-selection never retraces.
     * **Re-selection timing.** With ``steps_per_execution`` > 1 the layers are
       re-chosen after the execution in which a re-selection fell due.
 
     Cost with S above the cut, counting a backward as two forwards and F for
     the whole model's forward: about 3F + 3F·(fraction of the model above the
-    cut) under XLA (without XLA, add F: the perturbed forward is recomputed),
+    cut) under XLA (without XLA, add up to F: the perturbed forward below the
+    cut is recomputed),
     against SGD's 3F and SAM's 6F. So the step costs nearly SGD's when the
     critical layers are on the output side, and SAM's when the lowest chosen
     layer is the first one.
