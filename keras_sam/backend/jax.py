@@ -124,10 +124,14 @@ def dispatched_train_function(
     """
 
     def train_function(state: Any, iterator: Any) -> tuple:
-        groups = _state_variables(trainer)
-        function = choose(_StateView(groups, state).read)
+        where = {
+            id(variable): (g, i)
+            for g, variables in enumerate(_state_variables(trainer))
+            for i, variable in enumerate(variables)
+        }
+        function = choose(_StateView(where, state).read)
         logs, state = function(state, iterator)
-        view = _StateView(groups, state)
+        view = _StateView(where, state)
         after(view.read, view.write)
         return logs, view.state
 
@@ -135,15 +139,14 @@ def dispatched_train_function(
 
 
 class _StateView:
-    """Reads and writes variables' values in Keras' JAX train-step state."""
+    """Reads and writes variables' values in Keras' JAX train-step state.
 
-    def __init__(self, groups: Sequence[Sequence[Any]], state: Any) -> None:
+    ``where`` maps ``id(variable)`` to its (group, position) in the state.
+    """
+
+    def __init__(self, where: dict[int, tuple[int, int]], state: Any) -> None:
         self.state = tuple(list(values) for values in state)
-        self._where = {
-            id(variable): (g, i)
-            for g, variables in enumerate(groups)
-            for i, variable in enumerate(variables)
-        }
+        self._where = where
 
     def read(self, variable: Any) -> Any:
         g, i = self._where[id(variable)]
