@@ -36,7 +36,8 @@ class ASAM(SharpnessAwareTrainer):
         model: the `keras.Model` to train.
         rho: radius ρ >= 0 (float or a schedule of the step). Defaults to `0.5`.
         eta: η >= 0 added to |w| (η = 0 allowed). Defaults to `0.01`.
-        perturbation_scope: ``"replica"`` (default) or ``"global"``.
+        perturbation_scope, perturb, num_batch_splits: options every wrapper
+            takes; see `SharpnessAwareTrainer`.
         **kwargs: passed to `keras.Model`.
 
     Raises:
@@ -59,12 +60,12 @@ class ASAM(SharpnessAwareTrainer):
     def __init__(
         self,
         model: keras.Model,
+        *,
         rho: rho_lib.RhoLike = 0.5,
         eta: float = 0.01,
-        perturbation_scope: str = "replica",
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, rho=rho, perturbation_scope=perturbation_scope, **kwargs)
+        super().__init__(model, rho=rho, **kwargs)
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
             raise TypeError(f"`eta` must be a float, got {type(eta).__name__}.")
         if not math.isfinite(eta) or eta < 0:

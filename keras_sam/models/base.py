@@ -6,7 +6,14 @@ One step of every wrapper is::
     ascent gradient g        -> hook `ascent` (which samples, which variables)
     perturbation ε(g, w)     -> hook `perturbation` (SAM, ASAM, layer-wise, ...)
     gradient at w + ε        -> a stateless pass: nothing is written to the model
+    descent direction        -> hook `descent` (SAM: the gradient at w + ε; GSAM,
+                                LookSAM, WSAM combine it with g)
     optimizer.apply(g_SAM)   -> the wrapped optimizer steps from the clean w
+
+Two options apply to every variant: ``perturb`` chooses the perturbed
+variables (SAM-ON: only normalization layers), and ``num_batch_splits`` runs the
+step on contiguous parts of the batch, each with its own ε (m-sharpness), and
+averages the descent gradients.
 
 The perturbed pass never assigns to a variable: it evaluates the model with the
 perturbed values through `stateless_call`, feeding it the non-trainable state
@@ -19,7 +26,8 @@ after the step are exactly what the optimizer writes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import keras
@@ -30,8 +38,18 @@ from keras_sam import rho as rho_lib
 from keras_sam.backend import xla
 from keras_sam.models.wrapper import ModelWrapper
 from keras_sam.ops import add_perturbation, all_finite, dual_vector
+from keras_sam.validation import check_choice, check_int
 
 PERTURBATION_SCOPES = ("replica", "global")
+
+#: Keras layers whose trainable variables ``perturb="normalization"`` selects (SAM-ON).
+NORMALIZATION_LAYERS = (
+    keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization,
+)
+
+PerturbLike = str | Callable[[Any], bool] | None
 
 
 class Ascent(NamedTuple):
@@ -43,12 +61,30 @@ class Ascent(NamedTuple):
         grads: ascent gradients aligned with `trainable_variables` (scaled by the
             optimizer's loss scale; ``None`` where a variable has none).
         batch: ``(x, y, sample_weight)`` the perturbed gradient is taken on.
+        scores: per-sample scores of the clean pass (``None`` unless a variant
+            asks for them, see `keras_sam.ESAM`).
     """
 
     loss: Any
     y_pred: Any
     grads: list
     batch: tuple
+    scores: Any = None
+
+
+class Descent(NamedTuple):
+    """What a step hands to the optimizer (unscaled, float32, aligned with
+    `trainable_variables`).
+
+    Attributes:
+        grads: the gradient the compiled optimizer steps with.
+        decoupled: ``None``, or an update subtracted from the weights after the
+            optimizer's step, outside its state (`keras_sam.WSAM`); it must be
+            the same on every replica.
+    """
+
+    grads: list
+    decoupled: list | None = None
 
 
 class SharpnessAwareTrainer(ModelWrapper):
@@ -56,22 +92,38 @@ class SharpnessAwareTrainer(ModelWrapper):
 
     Wraps any `keras.Model`; `call`, `evaluate`, `predict` and saving behave as
     for the wrapped model. Subclasses override `ascent` (which samples and
-    variables give the ascent gradient) and/or `perturbation` (how ε is built).
+    variables give the ascent gradient), `perturbation` (how ε is built) and/or
+    `descent` (what the optimizer steps with).
 
     Args:
         model: the `keras.Model` to train.
-        rho: perturbation radius ρ >= 0, or a schedule (callable of the step).
+        rho: perturbation radius ρ >= 0, or a schedule (callable of the step, or
+            `keras_sam.rho.ProportionalToLearningRate`).
         perturbation_scope: ``"replica"`` (default): under `tf.distribute` each
             replica perturbs with its own gradient (SAM's m-sharpness with m the
             per-replica batch). ``"global"``: the ascent gradient is summed over
             replicas first, so N replicas compute what one device computes on the
             global batch.
+        perturb: which trainable variables are perturbed. ``None`` (default):
+            all. ``"normalization"``: only the scales and shifts of
+            BatchNormalization, LayerNormalization and GroupNormalization layers
+            (SAM-ON, Mueller et al. 2023). Or a predicate ``variable -> bool``.
+            Variables not perturbed are left out of ‖g‖ and get ε = 0 (they are
+            still trained with the descent gradient).
+        num_batch_splits: ``None`` (default) or an int n >= 1: the batch is cut
+            into n contiguous parts (samples 0..B/n - 1, then the next B/n, ...),
+            each part runs the whole step with its own ε from its own gradient
+            (as n replicas would: SAM's m-sharpness with m = B/n, on one device),
+            and the parts' descent gradients are averaged, weighted by their
+            sizes. Each part is one training-mode pass: BatchNorm normalizes over
+            the part and its moving statistics are updated once per part.
         **kwargs: passed to `keras.Model` (e.g. ``name``).
 
     Raises:
-        TypeError: if ``model`` is not a `keras.Model` or ``rho`` has a wrong type.
-        ValueError: if ``rho`` is negative or not finite, or
-            ``perturbation_scope`` is unknown.
+        TypeError: ``model`` is not a `keras.Model`; ``rho``, ``perturb`` or
+            ``num_batch_splits`` of a wrong type.
+        ValueError: ``rho`` negative or not finite; unknown
+            ``perturbation_scope`` or ``perturb``; ``num_batch_splits`` < 1.
 
     Example:
 
@@ -86,25 +138,42 @@ class SharpnessAwareTrainer(ModelWrapper):
         Foret, Kleiner, Mobahi, Neyshabur. Sharpness-Aware Minimization for
         Efficiently Improving Generalization. ICLR 2021.
         [arXiv:2010.01412](https://arxiv.org/abs/2010.01412)
+
+        Mueller, Vlaar, Rolnick, Hein. Normalization Layers Are All That
+        Sharpness-Aware Minimization Needs. NeurIPS 2023.
+        [arXiv:2306.04226](https://arxiv.org/abs/2306.04226)
     """
+
+    #: Whether `descent` needs the clean gradient of variables that are not
+    #: perturbed (GSAM, LookSAM, WSAM combine it with the perturbed gradient).
+    #: When False the clean backward skips their weight gradients.
+    uses_clean_gradient: bool = False
 
     def __init__(
         self,
         model: keras.Model,
+        *,
         rho: rho_lib.RhoLike = 0.05,
         perturbation_scope: str = "replica",
+        perturb: PerturbLike = None,
+        num_batch_splits: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if perturbation_scope not in PERTURBATION_SCOPES:
-            raise ValueError(
-                f"`perturbation_scope` must be one of {PERTURBATION_SCOPES}, "
-                f"got {perturbation_scope!r}."
-            )
+        check_choice(perturbation_scope, "perturbation_scope", PERTURBATION_SCOPES)
         rho = rho_lib.validate_rho(rho)
+        if not (perturb is None or perturb == "normalization" or callable(perturb)):
+            raise (ValueError if isinstance(perturb, str) else TypeError)(
+                '`perturb` must be None, "normalization" or a predicate `variable -> bool`, '
+                f"got {perturb!r}."
+            )
+        if num_batch_splits is not None:
+            num_batch_splits = check_int(num_batch_splits, "num_batch_splits", low=1)
         backend.check_supported(self)  # PyTorch: a clear NotImplementedError
         super().__init__(model, **kwargs)
         self.rho = rho
         self.perturbation_scope = perturbation_scope
+        self.perturb = perturb
+        self.num_batch_splits = num_batch_splits
         self._ascent_step = self.ascent  # XLA-compiled under MirroredStrategy (see below)
         self._perturbed_step = self._perturbed_gradients
 
@@ -155,47 +224,129 @@ class SharpnessAwareTrainer(ModelWrapper):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         state_before = backend.snapshot(self.non_trainable_variables)
         scale = backend.loss_scale(self.optimizer)  # before `apply` may change it
-        ascent = self._ascent_step(x, y, sample_weight, state_before)
-        self._track_loss(ascent.loss, x)
+        parts = _batch_parts((x, y, sample_weight), self.num_batch_splits)
+        results = [
+            self._part_step(part, scale, state_before if i == 0 else None)
+            for i, (part, _) in enumerate(parts)
+        ]
+        descent = _average([(d, share) for (_, d), (_, share) in zip(results, parts)])
+        y_pred = _concatenate([y_pred for y_pred, _ in results])
+        variables = self.trainable_variables
+        grads = [
+            None if g is None else ops.cast(g * scale, v.dtype)
+            for g, v in zip(descent.grads, variables)
+        ]
+        finite = all_finite(grads + list(descent.decoupled or []))
+        self._apply(grads, finite)
+        if descent.decoupled is not None:
+            _subtract_if(finite, variables, descent.decoupled)
+        self.after_step(descent.grads)
+        self._keep_state_of_skipped_step(state_before, finite)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self._distributable_logs(logs)
+
+    def _part_step(self, batch: tuple, scale: Any, state_before: list | None) -> tuple:
+        """Clean pass, ε and descent on one part of the batch: ``(y_pred, Descent)``."""
+        if state_before is None:  # a later part replays its own dropout masks
+            state_before = backend.snapshot(self.non_trainable_variables)
+        ascent = self._ascent_step(*batch, state_before)
+        self._track_loss(ascent.loss, batch[0])
         grads = _unscale(ascent.grads, scale)
         if self.perturbation_scope == "global":
             grads = backend.all_reduce_sum(grads)
-        perturbation = self.perturbation(grads, self.trainable_variables)
-        perturbed = add_perturbation(
-            [v.value for v in self.trainable_variables], perturbation
-        )
-        sam_grads = self._perturbed_step(perturbed, state_before, ascent.batch)
-        finite = all_finite(sam_grads)
-        self._apply(sam_grads, finite)
-        self.after_step(_unscale(sam_grads, scale))
-        self._keep_state_of_skipped_step(state_before, finite)
-        logs = self.compute_metrics(x, y, ascent.y_pred, sample_weight=sample_weight)
-        return self._distributable_logs(logs)
+        return ascent.y_pred, self.descent(ascent, grads, state_before)
 
     def _perturbed_gradients(self, perturbed: list, state_before: list, batch: tuple) -> list:
-        return backend.stateless_gradients(self, perturbed, state_before, *batch)[1]
+        grads = backend.stateless_gradients(self, perturbed, state_before, *batch)[1]
+        return _unscale(grads, backend.loss_scale(self.optimizer))
 
     # ------------------------------------------------------------------ hooks
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
         """Clean pass on the whole batch; its gradient is the ascent direction."""
-        loss, y_pred, grads = backend.forward_and_gradients(
-            self, x, y, sample_weight, self.trainable_variables
+        variables = self.trainable_variables
+        wanted = self.perturbed_mask(variables)
+        if self.uses_clean_gradient:
+            wanted = [True] * len(variables)
+        loss, y_pred, computed = backend.forward_and_gradients(
+            self, x, y, sample_weight, [v for v, keep in zip(variables, wanted) if keep]
         )
+        computed = iter(computed)
+        grads = [next(computed) if keep else None for keep in wanted]
         return Ascent(loss, y_pred, grads, (x, y, sample_weight))
 
     def perturbation(self, grads: list, variables: list) -> list:
-        """ε = ρ g/‖g‖ (SAM). Override for other geometries."""
+        """ε = ρ g/‖g‖ (SAM). Override for other geometries.
+
+        ``grads`` are the unscaled float32 ascent gradients, ``None`` for the
+        variables that are not perturbed.
+        """
         return dual_vector(grads, self.current_rho())
+
+    def descent(self, ascent: Ascent, grads: list, state_before: list) -> Descent:
+        """The gradient the optimizer steps with: SAM's ∇L(w + ε).
+
+        Args:
+            ascent: the clean pass (its batch is the perturbed pass's).
+            grads: the unscaled float32 ascent gradients g (summed over replicas
+                with ``perturbation_scope="global"``).
+            state_before: the non-trainable state the stateless passes read.
+        """
+        return Descent(self.perturbed_gradients(ascent, self.epsilon(grads), state_before))
 
     def after_step(self, sam_grads: list) -> None:
         """Called after the optimizer step with the (unscaled, float32) gradients it
         received; on a skipped step the state it writes is rolled back."""
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ for hooks
+    def epsilon(self, grads: list) -> list:
+        """ε from the ascent gradients: `perturbation` over the perturbed variables."""
+        variables = self.trainable_variables
+        kept = [
+            None if g is None or not keep else g
+            for g, keep in zip(grads, self.perturbed_mask(variables))
+        ]
+        return self.perturbation(kept, variables)
+
+    def perturbed_gradients(self, ascent: Ascent, epsilon: list, state_before: list) -> list:
+        """The unscaled float32 gradient at w + ε on the ascent's batch (stateless)."""
+        perturbed = add_perturbation([v.value for v in self.trainable_variables], epsilon)
+        return self._perturbed_step(perturbed, state_before, ascent.batch)
+
+    def perturbed_mask(self, variables: Sequence[Any]) -> list[bool]:
+        """Per variable, whether ``perturb`` lets it be perturbed."""
+        if self.perturb is None:
+            return [True] * len(variables)
+        if self.perturb == "normalization":
+            chosen = {
+                id(v)
+                for layer in self.model._flatten_layers(include_self=True, recursive=True)
+                if isinstance(layer, NORMALIZATION_LAYERS)
+                for v in layer.trainable_variables
+            }
+            return [id(v) in chosen for v in variables]
+        return [bool(self.perturb(v)) for v in variables]
+
     def current_rho(self) -> Any:
         """ρ at the optimizer's current step (a float32 scalar)."""
-        return rho_lib.rho_at(self.rho, self.optimizer.iterations)
+        return rho_lib.rho_at(
+            self.rho, self.optimizer.iterations, lambda: self.optimizer.learning_rate
+        )
 
+    def to_replica(self, tensors: list) -> list:
+        """Global-batch gradients as each replica's share for the optimizer (which
+        sums over replicas): divided by the replicas in ``"global"`` scope."""
+        if self.perturbation_scope != "global":
+            return tensors
+        replicas = backend.num_replicas()
+        return [None if t is None else t / replicas for t in tensors]
+
+    def to_global(self, tensors: list) -> list:
+        """Per-replica gradients summed over replicas in ``"global"`` scope."""
+        if self.perturbation_scope != "global":
+            return tensors
+        return backend.all_reduce_sum(tensors)
+
+    # ------------------------------------------------------------------ helpers
     def _track_loss(self, loss: Any, x: Any) -> None:
         # Compiled losses are divided by the number of replicas (Keras' own
         # convention); the tracker reports the per-sample mean loss.
@@ -229,15 +380,73 @@ class SharpnessAwareTrainer(ModelWrapper):
         config = super().get_config()
         config["rho"] = rho_lib.serialize_rho(self.rho)
         config["perturbation_scope"] = self.perturbation_scope
+        if self.perturb is not None:
+            config["perturb"] = (
+                self.perturb
+                if isinstance(self.perturb, str)
+                else keras.saving.serialize_keras_object(self.perturb)
+            )
+        if self.num_batch_splits is not None:
+            config["num_batch_splits"] = self.num_batch_splits
         return config
 
     @classmethod
     def from_config(cls, config: dict, custom_objects: Any = None) -> SharpnessAwareTrainer:
         config = dict(config)
         config["rho"] = rho_lib.deserialize_rho(config["rho"])
+        if isinstance(config.get("perturb"), dict):
+            config["perturb"] = keras.saving.deserialize_keras_object(config["perturb"])
         return super().from_config(config, custom_objects=custom_objects)
 
 
 def _unscale(grads: list, scale: Any) -> list:
     """Gradients without the mixed-precision loss scale, in float32 (for norms)."""
     return [None if g is None else ops.cast(g, "float32") / scale for g in grads]
+
+
+def _batch_parts(batch: tuple, splits: int | None) -> list[tuple[tuple, Any]]:
+    """``[(part, share)]``: contiguous parts of the batch and their share of it."""
+    if splits is None or splits == 1:
+        return [(batch, None)]
+    size = ops.shape(keras.tree.flatten(batch[0])[0])[0]
+    bounds = [(j * size) // splits for j in range(splits + 1)]
+    parts = []
+    for start, stop in itertools.pairwise(bounds):
+        part = keras.tree.map_structure(
+            lambda t, start=start, stop=stop: None if t is None else t[start:stop], batch
+        )
+        share = ops.cast(stop - start, "float32") / ops.cast(size, "float32")
+        parts.append((part, share))
+    return parts
+
+
+def _average(descents: list[tuple[Descent, Any]]) -> Descent:
+    """The parts' descents weighted by their shares (one part: itself)."""
+    if len(descents) == 1:
+        return descents[0][0]
+    shares = [share for _, share in descents]
+
+    def weighted(per_part: list[list]) -> list:
+        return [
+            None if column[0] is None else sum(t * s for t, s in zip(column, shares))
+            for column in zip(*per_part)
+        ]
+
+    decoupled = None
+    if descents[0][0].decoupled is not None:
+        decoupled = weighted([d.decoupled for d, _ in descents])
+    return Descent(weighted([d.grads for d, _ in descents]), decoupled)
+
+
+def _concatenate(predictions: list) -> Any:
+    if len(predictions) == 1:
+        return predictions[0]
+    return keras.tree.map_structure(lambda *parts: ops.concatenate(parts, axis=0), *predictions)
+
+
+def _subtract_if(finite: Any, variables: Sequence[Any], updates: Sequence[Any]) -> None:
+    """``w -= update`` for every variable with an update, where ``finite`` holds."""
+    for variable, update in zip(variables, updates):
+        if update is not None:
+            new = variable.value - ops.cast(update, variable.dtype)
+            variable.assign(ops.where(finite, new, variable.value))

@@ -72,12 +72,12 @@ class KSAM(SharpnessAwareTrainer):
     def __init__(
         self,
         model: keras.Model,
+        *,
         rho: rho_lib.RhoLike = 0.05,
         k: float | int = 0.1,
-        perturbation_scope: str = "replica",
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, rho=rho, perturbation_scope=perturbation_scope, **kwargs)
+        super().__init__(model, rho=rho, **kwargs)
         self.k = _validate_k(k)
 
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:

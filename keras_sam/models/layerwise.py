@@ -123,7 +123,8 @@ class LayerwiseSAM(SharpnessAwareTrainer):
             backward can be cut; each is one compiled variant of the step. 1
             turns truncation off (the ascent gradient of every candidate is
             computed, one compiled step). Defaults to `8`.
-        perturbation_scope: ``"replica"`` (default) or ``"global"``.
+        perturbation_scope, perturb, num_batch_splits: options every wrapper
+            takes; see `SharpnessAwareTrainer`.
         **kwargs: passed to `keras.Model`.
 
     Raises:
@@ -151,6 +152,7 @@ class LayerwiseSAM(SharpnessAwareTrainer):
     def __init__(
         self,
         model: keras.Model,
+        *,
         rho: rho_lib.RhoLike = 0.05,
         num_layers: float | int = 0.25,
         reselect_every: int = 1,
@@ -158,10 +160,9 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         radius: str = "joint",
         ranking_decay: float = 0.9,
         max_cuts: int = 8,
-        perturbation_scope: str = "replica",
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, rho=rho, perturbation_scope=perturbation_scope, **kwargs)
+        super().__init__(model, rho=rho, **kwargs)
         self.num_layers = _validate_num_layers(num_layers)
         self.reselect_every = _validate_positive_int(reselect_every, "reselect_every")
         self.max_cuts = _validate_positive_int(max_cuts, "max_cuts")

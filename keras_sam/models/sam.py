@@ -28,8 +28,8 @@ class SAM(SharpnessAwareTrainer):
         model: the `keras.Model` to train.
         rho: radius ρ >= 0 (float or a schedule of the step). Defaults to `0.05`
             (CIFAR-10; 0.1 for CIFAR-100 and fine-tuning).
-        perturbation_scope: ``"replica"`` (default) or ``"global"``; see
-            `SharpnessAwareTrainer`.
+        perturbation_scope, perturb, num_batch_splits: options every wrapper
+            takes; see `SharpnessAwareTrainer`.
         **kwargs: passed to `keras.Model`.
 
     Raises:

@@ -223,7 +223,7 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         self._maybe_warn_missing_callback()
         # rho is a function of the number of real (update) steps taken before this one; the
         # learning rate schedule sees the same step when gradient accumulation is off.
-        rho_t = rho_at(self.rho, self.iterations)
+        rho_t = rho_at(self.rho, self.iterations, lambda: self.learning_rate)
         update_mask = None
         if self.gradient_accumulation_steps:
             is_update = ops.equal(
