@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from keras import ops
+from keras import ops, tree
 
 Tensor = Any
 
@@ -85,3 +85,72 @@ def all_finite(tensors: Sequence[Tensor | None]) -> Tensor:
 
 def _times(tensor: Tensor, scale: Tensor | None) -> Tensor:
     return tensor if scale is None else tensor * ops.cast(scale, tensor.dtype)
+
+
+def inner_product(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> Tensor:
+    """⟨a, b⟩ over all pairs where both entries are present, as a float32 scalar."""
+    products = [
+        ops.sum(ops.cast(x, "float32") * ops.cast(y, "float32"))
+        for x, y in zip(a, b)
+        if x is not None and y is not None
+    ]
+    if not products:
+        return ops.zeros((), "float32")
+    return ops.sum(ops.stack(products))
+
+
+def surrogate_gap_descent(
+    grads: Sequence[Tensor | None], sam_grads: Sequence[Tensor | None], alpha: float
+) -> list[Tensor | None]:
+    r"""GSAM's descent direction g_s − α g⊥ (Zhuang et al. 2022).
+
+    .. math::
+
+        \cos = \frac{\langle g, g_s \rangle}{\lVert g_s \rVert \lVert g \rVert + 10^{-12}},
+        \quad
+        g_\perp = g - \cos \lVert g \rVert \frac{g_s}{\lVert g_s \rVert + 10^{-12}}
+
+    g⊥ is the part of the clean gradient g orthogonal to the perturbed one g_s.
+    Entries without g_s are ``None``; without g, g_s is returned.
+    """
+    g_norm, s_norm = global_norm(grads), global_norm(sam_grads)
+    cosine = inner_product(grads, sam_grads) / (s_norm * g_norm + 1e-12)
+    along = cosine * g_norm / (s_norm + 1e-12)
+    return [
+        s if s is None or g is None else s - alpha * (g - along * s)
+        for g, s in zip(grads, sam_grads)
+    ]
+
+
+def orthogonal_unit(
+    sam_grads: Sequence[Tensor | None], grads: Sequence[Tensor | None]
+) -> list[Tensor | None]:
+    r"""LookSAM's ĝ_v: the unit vector of the part of g_s orthogonal to g.
+
+    .. math::
+
+        g_v = g_s - \frac{\langle g_s, g \rangle}{\lVert g \rVert^2 + 10^{-12}} g,
+        \quad \hat g_v = g_v / \lVert g_v \rVert
+
+    ĝ_v = 0 when g_v = 0. Entries missing in either list are ``None``.
+    """
+    coefficient = inner_product(sam_grads, grads) / (ops.square(global_norm(grads)) + 1e-12)
+    orthogonal = [
+        None if s is None or g is None else ops.cast(s, "float32") - coefficient * g
+        for s, g in zip(sam_grads, grads)
+    ]
+    factor = safe_ratio(1.0, global_norm(orthogonal))
+    return [None if v is None else v * factor for v in orthogonal]
+
+
+def multiply_sample_weight(sample_weight: Any, factor: Tensor) -> Any:
+    """Sample weights times a per-sample ``factor`` (broadcast over trailing axes);
+    ``factor`` itself when there are no sample weights."""
+
+    def times_factor(weight: Any) -> Tensor:
+        weight = ops.cast(weight, "float32")
+        return weight * ops.reshape(factor, [-1] + [1] * (len(weight.shape) - 1))
+
+    if sample_weight is None:
+        return factor
+    return tree.map_structure(times_factor, sample_weight)

@@ -24,11 +24,14 @@ apply_if_finite = _implementation.apply_if_finite
 dispatched_train_function = _implementation.dispatched_train_function
 forward_and_gradients = _implementation.forward_and_gradients
 forward_and_sample_scores = _implementation.forward_and_sample_scores
+forward_gradients_and_sample_scores = _implementation.forward_gradients_and_sample_scores
 loss_scale = _implementation.loss_scale
 num_replicas = _implementation.num_replicas
 snapshot = _implementation.snapshot
 stateful_train_step = _implementation.stateful_train_step
 stateless_gradients = _implementation.stateless_gradients
+stateless_sample_scores = _implementation.stateless_sample_scores
+stateless_uniform = _implementation.stateless_uniform
 
 
 def check_supported(what: Any) -> None:
@@ -52,9 +55,12 @@ __all__ = [
     "dispatched_train_function",
     "forward_and_gradients",
     "forward_and_sample_scores",
+    "forward_gradients_and_sample_scores",
     "loss_scale",
     "num_replicas",
     "snapshot",
     "stateful_train_step",
     "stateless_gradients",
+    "stateless_sample_scores",
+    "stateless_uniform",
 ]

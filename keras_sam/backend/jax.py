@@ -61,6 +61,7 @@ import keras
 from keras import ops, tree
 
 from keras_sam.backend import jax_replicas
+from keras_sam.ops import multiply_sample_weight
 
 Tensor = Any
 Reader = Callable[[Any], Any]
@@ -381,7 +382,7 @@ def forward_and_sample_scores(
     batch_size = ops.shape(tree.flatten(x)[0])[0]
 
     def loss_fn(unit: Tensor) -> tuple[Tensor, tuple]:
-        weighted = _multiply_sample_weight(sample_weight, unit)
+        weighted = multiply_sample_weight(sample_weight, unit)
         loss, y_pred, ntv, mv = _pure_loss(
             trainer, trainable, non_trainable, metrics, x, y, weighted
         )
@@ -392,6 +393,61 @@ def forward_and_sample_scores(
     )
     _commit_clean_state(trainer, ntv, mv)
     return loss, y_pred, scores
+
+
+def forward_gradients_and_sample_scores(
+    trainer: Any, x: Any, y: Any, sample_weight: Any, wrt: Sequence[Any]
+) -> tuple[Tensor, Any, list[Tensor | None], Tensor]:
+    """`forward_and_gradients` that also returns the per-sample scores of
+    `forward_and_sample_scores` (unscaled), from the same pass."""
+    trainable, non_trainable, metrics = _current(trainer)
+    positions = _positions(trainer, wrt)
+    batch_size = ops.shape(tree.flatten(x)[0])[0]
+
+    def loss_fn(chosen: list, unit: Tensor) -> tuple[Tensor, tuple]:
+        values = list(trainable)
+        for position, value in zip(positions, chosen):
+            values[position] = value
+        weighted = multiply_sample_weight(sample_weight, unit)
+        loss, y_pred, ntv, mv = _pure_loss(
+            trainer, values, non_trainable, metrics, x, y, weighted
+        )
+        return trainer.optimizer.scale_loss(loss), (loss, y_pred, ntv, mv)
+
+    (_, (loss, y_pred, ntv, mv)), (grads, scores) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True
+    )([trainable[p] for p in positions], ops.ones((batch_size,), "float32"))
+    _commit_clean_state(trainer, ntv, mv)
+    return loss, y_pred, list(grads), scores / loss_scale(trainer.optimizer)
+
+
+def stateless_sample_scores(
+    trainer: Any,
+    trainable_values: Sequence[Tensor],
+    non_trainable_values: Sequence[Tensor],
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+) -> Tensor:
+    """Per-sample scores (as `forward_and_sample_scores`) at the given values;
+    nothing is written."""
+    metrics = [v.value for v in trainer.metrics_variables]
+    batch_size = ops.shape(tree.flatten(x)[0])[0]
+
+    def loss_fn(unit: Tensor) -> Tensor:
+        weighted = multiply_sample_weight(sample_weight, unit)
+        return _pure_loss(
+            trainer, list(trainable_values), list(non_trainable_values), metrics, x, y,
+            weighted,
+        )[0]
+
+    return jax.grad(loss_fn)(ops.ones((batch_size,), "float32"))
+
+
+def stateless_uniform(shape: Sequence[int], seed: Tensor) -> Tensor:
+    """Uniform [0, 1) float32 numbers, a pure function of ``seed`` (two int32)."""
+    key = jax.random.wrap_key_data(jax.numpy.asarray(seed, "uint32"), impl="threefry2x32")
+    return jax.random.uniform(key, tuple(shape), "float32")
 
 
 def stateless_gradients(
@@ -418,16 +474,3 @@ def stateless_gradients(
 
     (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(list(trainable_values))
     return loss, list(grads)
-
-
-def _multiply_sample_weight(sample_weight: Any, unit: Tensor) -> Any:
-    """Sample weights times a per-sample factor, broadcast over trailing axes."""
-
-    def times_unit(weight: Any) -> Tensor:
-        weight = ops.cast(weight, "float32")
-        factor = ops.reshape(unit, [-1] + [1] * (len(weight.shape) - 1))
-        return weight * factor
-
-    if sample_weight is None:
-        return unit
-    return tree.map_structure(times_unit, sample_weight)

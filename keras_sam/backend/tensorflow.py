@@ -22,6 +22,8 @@ from typing import Any
 import tensorflow as tf
 from keras import ops, tree
 
+from keras_sam.ops import multiply_sample_weight
+
 Tensor = Any
 Reader = Callable[[Any], Any]
 Writer = Callable[[Any, Any], None]
@@ -149,10 +151,54 @@ def forward_and_sample_scores(
     unit = tf.ones([batch_size], dtype="float32")
     with tf.GradientTape() as tape:
         tape.watch(unit)
-        weighted = _multiply_sample_weight(sample_weight, unit)
+        weighted = multiply_sample_weight(sample_weight, unit)
         y_pred, loss = _clean_forward(trainer, x, y, weighted)
     scores = tape.gradient(loss, unit, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return loss, y_pred, scores
+
+
+def forward_gradients_and_sample_scores(
+    trainer: Any, x: Any, y: Any, sample_weight: Any, wrt: Sequence[Any]
+) -> tuple[Tensor, Any, list[Tensor | None], Tensor]:
+    """`forward_and_gradients` that also returns the per-sample scores of
+    `forward_and_sample_scores` (unscaled), from the same pass."""
+    batch_size = tf.shape(tree.flatten(x)[0])[0]
+    unit = tf.ones([batch_size], dtype="float32")
+    with tf.GradientTape() as tape:
+        tape.watch(unit)
+        y_pred, loss = _clean_forward(
+            trainer, x, y, multiply_sample_weight(sample_weight, unit)
+        )
+        scaled = trainer.optimizer.scale_loss(loss)
+    *grads, scores = tape.gradient(scaled, [*wrt, unit])
+    scores = tf.zeros_like(unit) if scores is None else scores / loss_scale(trainer.optimizer)
+    return loss, y_pred, [_dense(g) for g in grads], scores
+
+
+def stateless_sample_scores(
+    trainer: Any,
+    trainable_values: Sequence[Tensor],
+    non_trainable_values: Sequence[Tensor],
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+) -> Tensor:
+    """Per-sample scores (as `forward_and_sample_scores`) at the given values; a
+    forward pass and the loss reduction's backward only; nothing is written."""
+    batch_size = tf.shape(tree.flatten(x)[0])[0]
+    unit = tf.ones([batch_size], dtype="float32")
+    with tf.GradientTape() as tape:
+        tape.watch(unit)
+        loss = _stateless_loss(
+            trainer, list(trainable_values), list(non_trainable_values), x, y,
+            multiply_sample_weight(sample_weight, unit),
+        )
+    return tape.gradient(loss, unit, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def stateless_uniform(shape: Sequence[int], seed: Tensor) -> Tensor:
+    """Uniform [0, 1) float32 numbers, a pure function of ``seed`` (two int32)."""
+    return tf.random.stateless_uniform(shape, seed=tf.cast(seed, "int32"))
 
 
 def stateless_gradients(
@@ -169,32 +215,43 @@ def stateless_gradients(
     are left exactly as they are.
     """
     trainable_values = list(trainable_values)
-    metrics_values = [v.value for v in trainer.metrics_variables]
     with tf.GradientTape() as tape:
         tape.watch(trainable_values)
-        y_pred, _, losses = trainer.stateless_call(
-            trainable_values,
-            list(non_trainable_values),
-            x,
-            training=True,
-            return_losses=True,
+        loss = _stateless_loss(
+            trainer, trainable_values, list(non_trainable_values), x, y, sample_weight
         )
-        trainer._losses_override = list(losses)
-        try:
-            loss, _ = trainer.stateless_compute_loss(
-                trainable_values,
-                list(non_trainable_values),
-                metrics_values,
-                x=x,
-                y=y,
-                y_pred=y_pred,
-                sample_weight=sample_weight,
-                training=True,
-            )
-        finally:
-            trainer._losses_override = []
         scaled = trainer.optimizer.scale_loss(loss)
     return loss, tape.gradient(scaled, trainable_values)
+
+
+def _stateless_loss(
+    trainer: Any,
+    trainable_values: list,
+    non_trainable_values: list,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+) -> Tensor:
+    """The compiled loss of a training-mode forward at the given values; writes nothing."""
+    metrics_values = [v.value for v in trainer.metrics_variables]
+    y_pred, _, losses = trainer.stateless_call(
+        trainable_values, non_trainable_values, x, training=True, return_losses=True
+    )
+    trainer._losses_override = list(losses)
+    try:
+        loss, _ = trainer.stateless_compute_loss(
+            trainable_values,
+            non_trainable_values,
+            metrics_values,
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            training=True,
+        )
+    finally:
+        trainer._losses_override = []
+    return loss
 
 
 def _clean_forward(trainer: Any, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor]:
@@ -203,19 +260,6 @@ def _clean_forward(trainer: Any, x: Any, y: Any, sample_weight: Any) -> tuple[An
         x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
     )
     return y_pred, loss
-
-
-def _multiply_sample_weight(sample_weight: Any, unit: Tensor) -> Any:
-    """Sample weights times a per-sample factor, broadcast over trailing axes."""
-
-    def times_unit(weight: Any) -> Tensor:
-        weight = tf.cast(weight, "float32")
-        factor = tf.reshape(unit, [-1] + [1] * (weight.shape.rank - 1))
-        return weight * factor
-
-    if sample_weight is None:
-        return unit
-    return tree.map_structure(times_unit, sample_weight)
 
 
 def _dense(gradient: Any) -> Any:

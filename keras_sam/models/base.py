@@ -346,6 +346,31 @@ class SharpnessAwareTrainer(ModelWrapper):
             return tensors
         return backend.all_reduce_sum(tensors)
 
+    def add_slots(self, name: str, aggregation: str = "none") -> list:
+        """One float32 zeros variable per trainable variable of the model, saved with
+        the wrapper (per-parameter state of a variant: LookSAM, Friendly-SAM).
+
+        The model must be built; `build` calls `build_slots` for a model built later.
+        """
+        return [
+            self.add_weight(
+                shape=v.shape,
+                initializer="zeros",
+                dtype="float32",
+                trainable=False,
+                aggregation=aggregation,
+                name=f"{name}_{i}",
+            )
+            for i, v in enumerate(self.model.trainable_variables)
+        ]
+
+    def build_slots(self) -> None:
+        """Hook: create per-parameter state (`add_slots`) once the model is built."""
+
+    def build(self, input_shape: Any = None) -> None:
+        super().build(input_shape)
+        self.build_slots()
+
     # ------------------------------------------------------------------ helpers
     def _track_loss(self, loss: Any, x: Any) -> None:
         # Compiled losses are divided by the number of replicas (Keras' own
