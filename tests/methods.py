@@ -38,13 +38,19 @@ class Method:
         return self.name
 
 
+@keras.saving.register_keras_serializable(package="keras_sam_tests")
+def kernels_only(variable: Any) -> bool:
+    """A `perturb` predicate: only the kernels of Dense/Conv layers."""
+    return variable.name == "kernel"
+
+
 def _sgd(**kwargs: Any) -> keras.optimizers.Optimizer:
     return keras.optimizers.SGD(LR, momentum=0.9, **kwargs)
 
 
 def _wrapper(cls: type, **extra: Any) -> Method:
     return Method(
-        name=cls.__name__ + "".join(f"-{k}={v}" for k, v in extra.items()),
+        name=cls.__name__ + "".join(f"-{k}={getattr(v, '__name__', v)}" for k, v in extra.items()),
         trainer=lambda model, rho: cls(model, rho=rho, **extra),
         optimizer=lambda rho, **kwargs: _sgd(**kwargs),
         base_optimizer=_sgd,
@@ -61,6 +67,17 @@ WRAPPERS = [
     # One layer (the backward is cut) and all layers (reduces to SAM).
     _wrapper(keras_sam.LayerwiseSAM, num_layers=1),
     _wrapper(keras_sam.LayerwiseSAM, num_layers=1.0, layers=None),
+    _wrapper(keras_sam.GSAM, alpha=0.4),
+    # k = 2: the SAM step and the reuse step both run in every test.
+    _wrapper(keras_sam.LookSAM, k=2),
+    # gamma = 1.0 keeps every sample (rho = 0 equals the base optimizer);
+    # tests/models/test_zoo.py covers the selection.
+    _wrapper(keras_sam.ESAM, beta=0.6, gamma=1.0, seed=3),
+    _wrapper(keras_sam.FriendlySAM, sigma=0.7),
+    _wrapper(keras_sam.WSAM),
+    # The variable filter every wrapper takes (a serializable predicate: the contract
+    # models have no normalization layer for perturb="normalization").
+    _wrapper(keras_sam.SAM, perturb=kernels_only),
 ]
 
 def _optimizer(cls: type, base: Callable[[], keras.optimizers.Optimizer], **extra: Any) -> Method:

@@ -98,24 +98,24 @@ class LookSAM(SharpnessAwareTrainer):
         clean = [grads[i] for i in present]
         stored = [self._directions[i].value for i in present]
 
-        def sam_step() -> list:
+        def sam_step() -> list:  # the only branch with a second pass
             sam_grads = self.perturbed_gradients(ascent, self.epsilon(grads), state_before)
-            sam = [self.to_global(sam_grads)[i] for i in present]
-            fresh = orthogonal_unit(sam, clean)
-            on = ops.cast(ops.greater(self.current_rho(), 0.0), "float32")
-            return sam + [d * on for d in fresh]
+            return [ops.cast(sam_grads[i], "float32") for i in present]
 
         def reuse_step() -> list:
-            lean = self.alpha * global_norm(clean)
-            return [g + lean * d for g, d in zip(clean, stored)] + stored
+            return [ops.zeros_like(g) for g in clean]
 
         refresh = ops.equal(self.optimizer.iterations % self.k, 0)
-        out = ops.cond(refresh, sam_step, reuse_step)
-        for i, direction in zip(present, out[len(present) :]):
-            self._directions[i].assign(direction)
+        # The conditional holds no collective (tf.distribute forbids one there): the
+        # "global" scope's sum over replicas comes after it.
+        sam = self.to_global(ops.cond(refresh, sam_step, reuse_step))
+        on = ops.cast(ops.greater(self.current_rho(), 0.0), "float32")
+        fresh = [d * on for d in orthogonal_unit(sam, clean)]
+        lean = self.alpha * global_norm(clean)
         descent: list = [None] * len(grads)
-        for i, g in zip(present, out[: len(present)]):
-            descent[i] = g
+        for i, g, s, d, f in zip(present, clean, sam, stored, fresh):
+            descent[i] = ops.where(refresh, s, g + lean * d)
+            self._directions[i].assign(ops.where(refresh, f, d))
         return Descent(self.to_replica(descent))
 
     def get_config(self) -> dict:

@@ -225,3 +225,48 @@ def test_hyperparameters_are_keyword_only():
 def test_proportional_rho_bad_arguments(kwargs):
     with pytest.raises(ValueError, match="rho_max|lr_max"):
         keras_sam.rho.ProportionalToLearningRate(**kwargs)
+
+
+@pytest.mark.tf_only
+def test_num_batch_splits_under_mirrored_strategy_keeps_replicas_identical():
+    from tests.helpers import classification_data, logits_loss, mirrored_strategy, plain_model
+
+    x, y = classification_data(n=32)
+    with mirrored_strategy().scope():
+        trainer = keras_sam.SAM(plain_model(), rho=0.3, num_batch_splits=2)
+        trainer.compile(optimizer=keras.optimizers.SGD(0.05), loss=logits_loss())
+    history = trainer.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    for variable in trainer.model.trainable_variables:
+        copies = [c.numpy() for c in variable.value.values]
+        np.testing.assert_array_equal(copies[0], copies[1])
+
+
+def test_num_batch_splits_and_perturb_survive_save_and_load(tmp_path):
+    trainer = keras_sam.ASAM(keras_mlp(ref.init_params()), rho=0.3, num_batch_splits=2,
+                             perturb="normalization")
+    trainer.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    trainer.fit(X, Y, batch_size=8, epochs=1, verbose=0)
+    path = str(tmp_path / "t.keras")
+    trainer.save(path)
+    restored = keras.models.load_model(path)
+    assert restored.num_batch_splits == 2 and restored.perturb == "normalization"
+    assert_weights_close(_weights(restored), _weights(trainer), atol=0.0)
+
+
+def test_num_batch_splits_updates_batchnorm_once_per_part():
+    """Each part is one training-mode pass: two BatchNorm updates, each with its
+    part's statistics, as two replicas would compute them."""
+    from tests.helpers import classification_data, logits_loss
+
+    x, y = classification_data(n=16)
+    reference = bn_dropout_model(dropout=0.0)
+    reference(x[:8], training=True)
+    reference(x[8:], training=True)
+    trainer = keras_sam.SAM(bn_dropout_model(dropout=0.0), rho=0.3, num_batch_splits=2)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.05), loss=logits_loss())
+    trainer.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for name in ("moving_mean", "moving_variance"):
+        got = getattr(trainer.model.get_layer("bn"), name).numpy()
+        want = getattr(reference.get_layer("bn"), name).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-6)
