@@ -106,7 +106,8 @@ def test_tensorflow_and_jax_give_the_same_weights(tmp_path):
     names = sorted(k for k in tf_weights.files if k != "backend")
     assert names == sorted(k for k in jax_weights.files if k != "backend")
     assert {n.split("/")[0] for n in names} == {
-        "sam", "asam", "ksam", "layerwise", "msam", "adamw_msam"
+        "sam", "asam", "ksam", "layerwise", "msam", "adamw_msam",
+        "gsam", "looksam", "esam", "friendly_sam", "wsam", "sam_splits",
     }
     for name in names:
         np.testing.assert_allclose(jax_weights[name], tf_weights[name], atol=1e-5,

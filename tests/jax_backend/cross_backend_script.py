@@ -48,6 +48,13 @@ RUNS = {
     "asam": lambda m: (keras_sam.ASAM(m, rho=0.5), sgd()),
     "ksam": lambda m: (keras_sam.KSAM(m, rho=0.2, k=0.5), sgd()),
     "layerwise": lambda m: (keras_sam.LayerwiseSAM(m, rho=0.2, num_layers=2, layers=None), sgd()),
+    "gsam": lambda m: (keras_sam.GSAM(m, rho=0.2, alpha=0.4), sgd()),
+    "looksam": lambda m: (keras_sam.LookSAM(m, rho=0.2, k=2), sgd()),
+    # beta = 1: the variable draw is backend-specific (stateless RNGs differ).
+    "esam": lambda m: (keras_sam.ESAM(m, rho=0.2, beta=1.0, gamma=0.5), sgd()),
+    "friendly_sam": lambda m: (keras_sam.FriendlySAM(m, rho=0.2), sgd()),
+    "wsam": lambda m: (keras_sam.WSAM(m, rho=0.2), sgd()),
+    "sam_splits": lambda m: (keras_sam.SAM(m, rho=0.2, num_batch_splits=2), sgd()),
     "msam": lambda m: (m, keras_sam.optimizers.MSAM(0.1, momentum=0.9, rho=0.3)),
     "adamw_msam": lambda m: (m, keras_sam.optimizers.AdamWMSAM(0.01, rho=0.3)),
 }
