@@ -337,6 +337,32 @@ def all_methods() -> dict[str, Method]:
         )
     methods += [
         Method(
+            "gsam", "GSAM", "sgd", lambda m, r: keras_sam.GSAM(m, rho=r, alpha=0.1), sgd, 0.05,
+            (0.05, 0.1), extra="alpha=0.1",
+        ),
+        Method(
+            "looksam", "LookSAM", "sgd", lambda m, r: keras_sam.LookSAM(m, rho=r, alpha=0.7, k=5),
+            sgd, 0.05, (0.05, 0.1), extra="alpha=0.7, k=5",
+        ),
+        Method(
+            "esam", "ESAM", "sgd", lambda m, r: keras_sam.ESAM(m, rho=r, beta=0.6, gamma=0.5),
+            sgd, 0.05, (0.05, 0.1), extra="beta=0.6, gamma=0.5",
+        ),
+        Method(
+            "friendly-sam", "Friendly-SAM", "sgd",
+            lambda m, r: keras_sam.FriendlySAM(m, rho=r, sigma=1.0, lmbda=0.9), sgd, 0.05,
+            (0.05, 0.1), extra="sigma=1, lmbda=0.9",
+        ),
+        Method(
+            "wsam", "WSAM", "sgd", lambda m, r: keras_sam.WSAM(m, rho=r, gamma=0.9), sgd, 0.05,
+            (0.05, 0.1), extra="gamma=0.9",
+        ),
+        Method(
+            "sam-on", "SAM-ON", "sgd",
+            lambda m, r: keras_sam.SAM(m, rho=r, perturb="normalization"), sgd, 0.5,
+            (0.5, 1.0), extra='perturb="normalization"',
+        ),
+        Method(
             "msam", "MSAM", "sgd", same,
             lambda lr, r: keras_sam.optimizers.MSAM(lr, momentum=SGD_MOMENTUM, rho=r), 0.3,
             (0.3, 1.0), momentum_sam=True,

@@ -24,6 +24,9 @@ apply_if_finite = _implementation.apply_if_finite
 dispatched_train_function = _implementation.dispatched_train_function
 forward_and_gradients = _implementation.forward_and_gradients
 forward_and_sample_scores = _implementation.forward_and_sample_scores
+function = _implementation.function
+gradient = _implementation.gradient
+hessian_vector_product = _implementation.hessian_vector_product
 forward_gradients_and_sample_scores = _implementation.forward_gradients_and_sample_scores
 loss_scale = _implementation.loss_scale
 num_replicas = _implementation.num_replicas
@@ -56,6 +59,9 @@ __all__ = [
     "forward_and_gradients",
     "forward_and_sample_scores",
     "forward_gradients_and_sample_scores",
+    "function",
+    "gradient",
+    "hessian_vector_product",
     "loss_scale",
     "num_replicas",
     "snapshot",

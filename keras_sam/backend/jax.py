@@ -474,3 +474,21 @@ def stateless_gradients(
 
     (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(list(trainable_values))
     return loss, list(grads)
+
+
+# --------------------------------------------------------------------------- sharpness
+def function(fn: Callable) -> Callable:
+    """``fn`` compiled with `jax.jit`."""
+    return jax.jit(fn)
+
+
+def gradient(fn: Callable[[list], Tensor], values: Sequence[Tensor]) -> list[Tensor]:
+    """∇fn(values) for a scalar ``fn`` of a list of arrays."""
+    return list(jax.grad(fn)(list(values)))
+
+
+def hessian_vector_product(
+    fn: Callable[[list], Tensor], values: Sequence[Tensor], vectors: Sequence[Tensor]
+) -> list[Tensor]:
+    """H·v for the Hessian H of a scalar ``fn`` at ``values`` (forward over reverse)."""
+    return list(jax.jvp(jax.grad(fn), (list(values),), (list(vectors),))[1])

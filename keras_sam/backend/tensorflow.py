@@ -266,3 +266,31 @@ def _dense(gradient: Any) -> Any:
     if isinstance(gradient, tf.IndexedSlices):
         return tf.convert_to_tensor(gradient)
     return gradient
+
+
+# --------------------------------------------------------------------------- sharpness
+def function(fn: Callable) -> Callable:
+    """``fn`` compiled as a graph (`tf.function`, shape-polymorphic)."""
+    return tf.function(fn, reduce_retracing=True)
+
+
+def gradient(fn: Callable[[list], Tensor], values: Sequence[Tensor]) -> list[Tensor]:
+    """∇fn(values) for a scalar ``fn`` of a list of tensors (zeros where unconnected)."""
+    values = [tf.convert_to_tensor(v) for v in values]
+    with tf.GradientTape() as tape:
+        tape.watch(values)
+        out = fn(values)
+    return tape.gradient(out, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def hessian_vector_product(
+    fn: Callable[[list], Tensor], values: Sequence[Tensor], vectors: Sequence[Tensor]
+) -> list[Tensor]:
+    """H·v for the Hessian H of a scalar ``fn`` at ``values`` (forward over reverse)."""
+    values = [tf.convert_to_tensor(v) for v in values]
+    with tf.autodiff.ForwardAccumulator(values, list(vectors)) as accumulator:
+        grads = gradient(fn, values)
+    return [
+        tf.zeros_like(v) if p is None else p
+        for v, p in zip(values, accumulator.jvp(grads, unconnected_gradients="zero"))
+    ]

@@ -33,3 +33,4 @@ all_reduce_sum = apply_gradients = forward_and_gradients = _unsupported
 dispatched_train_function = forward_and_sample_scores = _unsupported
 loss_scale = num_replicas = snapshot = stateless_gradients = _unsupported
 forward_gradients_and_sample_scores = stateless_sample_scores = stateless_uniform = _unsupported
+function = gradient = hessian_vector_product = _unsupported

@@ -26,6 +26,7 @@ after the step are exactly what the optimizer writes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -177,21 +178,103 @@ class SharpnessAwareTrainer(ModelWrapper):
         self._ascent_step = self.ascent  # XLA-compiled under MirroredStrategy (see below)
         self._perturbed_step = self._perturbed_gradients
 
-    # ------------------------------------------------------------------ XLA
+    # ------------------------------------------------------------------ XLA, variants
     def make_train_function(self, force: bool = False) -> Any:
         """Keras' train function; ``jit_compile=True`` also works under MirroredStrategy.
 
         There Keras cannot compile the replicated step, so the clean and the
         perturbed passes are compiled with XLA inside an uncompiled step (see
         `keras_sam.backend.xla`); everywhere else Keras compiles the whole step.
+
+        A variant whose step comes in several static kinds (`step_variants`:
+        LookSAM's SAM and reuse steps, LayerwiseSAM's cut depths) gets one compiled
+        train function per kind (each compiled on first use), and the kind of each
+        call is chosen on the host before it (`choose_step_variant`); a
+        data-dependent conditional inside one compiled step would run both kinds'
+        code paths through XLA's conditional, which is orders of magnitude slower
+        on CPU.
         """
+        if self.train_function is not None and not force:
+            return self.train_function
         inside = self._compiles_inside_step()
         self._ascent_step = xla.compiled(self.ascent) if inside else self.ascent
         self._perturbed_step = (
             xla.compiled(self._perturbed_gradients) if inside else self._perturbed_gradients
         )
-        with self._step_jit_off(inside):
-            return super().make_train_function(force)
+        variants = self.step_variants()
+        if variants == [None]:
+            with self._step_jit_off(inside):
+                return super().make_train_function(force)
+        compiled = {}
+        for variant in variants:  # now: Keras reads the variables' shardings here
+            with self._tracing_variant(variant), self._own_train_step(), self._step_jit_off(inside):
+                super().make_train_function(force=True)
+            compiled[variant] = self.train_function
+        steps_before = [0]
+
+        def choose(read: Callable) -> Callable:
+            variant = self.choose_step_variant(read)
+            steps_before[0] = self._optimizer_steps(read)
+            function = compiled[variant]
+
+            def run(*args: Any) -> Any:
+                with self._tracing_variant(variant):  # read when Keras traces the step
+                    return function(*args)
+
+            return run
+
+        def after(read: Callable, write: Callable) -> None:
+            self.after_train_call(read, write, steps_before[0])
+
+        self.train_function = backend.dispatched_train_function(self, choose, after)
+        return self.train_function
+
+    def step_variants(self) -> list:
+        """The static kinds of step, one compiled train function each (default: one)."""
+        return [None]
+
+    def choose_step_variant(self, read: Callable) -> Any:
+        """The kind of step the next train-function call runs, chosen on the host.
+
+        ``read(variable)`` gives a variable's current value (numpy).
+        """
+        return None
+
+    def after_train_call(self, read: Callable, write: Callable, steps_before: int) -> None:
+        """Called on the host after each train-function call of a multi-variant step;
+        ``steps_before`` is the optimizer's step count before the call."""
+
+    @property
+    def step_variant(self) -> Any:
+        """The kind of step being traced (``None`` outside a multi-variant train function)."""
+        return getattr(self, "_step_variant", None)
+
+    @contextlib.contextmanager
+    def _tracing_variant(self, variant: Any) -> Iterator[None]:
+        self._step_variant = variant
+        try:
+            yield
+        finally:
+            self._step_variant = None
+
+    @contextlib.contextmanager
+    def _own_train_step(self) -> Iterator[None]:
+        """A distinct ``train_step`` object for Keras to compile: `jax.jit` caches
+        traces by function, and a bound method equals every other one of the same
+        method, so one variant's trace would be reused for all."""
+        self.train_step = functools.partial(type(self).train_step, self)
+        try:
+            yield
+        finally:
+            del self.train_step
+
+    def _optimizer_steps(self, read: Callable) -> int:
+        """``optimizer.iterations`` (the steps taken, counting accumulated micro-batches
+        as one) read through ``read``, for which it must be a variable."""
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        count = int(read(optimizer._iterations))
+        accumulation = optimizer.gradient_accumulation_steps
+        return count // accumulation if accumulation else count
 
     def make_test_function(self, force: bool = False) -> Any:
         with self._step_jit_off(self._compiles_inside_step()):

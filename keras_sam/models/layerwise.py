@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -191,7 +189,6 @@ class LayerwiseSAM(SharpnessAwareTrainer):
             aggregation="only_first_replica",
             name="layerwise_selection",
         )
-        self._cut = 0  # the step's cut depth while it is traced; 0 (no cut) otherwise
         self._grad_norms = self.add_weight(
             shape=(n,),
             initializer="zeros",
@@ -225,8 +222,8 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         return {layer.name: float(v) for (layer, _), v in zip(self._units, norms)}
 
     # ------------------------------------------------------------------ the step
-    def make_train_function(self, force: bool = False) -> Any:
-        """One compiled train function per cut depth, picked before each call.
+    def step_variants(self) -> list:
+        """One compiled step per cut depth.
 
         The ascent backward stops at the cut, and the layers below it are not
         perturbed, so both passes compute the same activations below the cut;
@@ -237,38 +234,20 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         and the selection is renewed between calls (`_reselect`), never inside a
         step.
         """
-        if self.train_function is not None and not force:
-            return self.train_function
-        by_cut = {}
-        for cut in self.cut_points:  # now: Keras reads the variables' shardings here
-            with self._tracing_cut(cut), self._own_train_step():
-                super().make_train_function(force=True)
-            by_cut[cut] = self.train_function
-        iterations_before = [0]
+        return list(self.cut_points)
 
-        def choose(read: Callable) -> Callable:
-            cut = self._cut_below(read(self._selection))
-            iterations_before[0] = self._optimizer_steps(read)
-            compiled = by_cut[cut]
+    def choose_step_variant(self, read: Callable) -> int:
+        return self._cut_below(read(self._selection))
 
-            def run(*args: Any) -> Any:
-                with self._tracing_cut(cut):  # read when Keras traces the step
-                    return compiled(*args)
-
-            return run
-
-        def after(read: Callable, write: Callable) -> None:
-            self._reselect(iterations_before[0], read, write)
-
-        dispatcher = backend.dispatched_train_function(self, choose, after)
-        self.train_function = dispatcher
-        return dispatcher
+    def after_train_call(self, read: Callable, write: Callable, steps_before: int) -> None:
+        self._reselect(steps_before, read, write)
 
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
         """Clean pass; ascent gradients of the candidate layers from the cut up only."""
         variables = self.trainable_variables
         groups = self._unit_positions(variables)
-        above = [p for group in groups[self._cut :] for p in group] if self.num_chosen else []
+        cut = self.step_variant or 0  # 0 (no cut) outside a per-cut train function
+        above = [p for group in groups[cut:] for p in group] if self.num_chosen else []
         loss, y_pred, computed = backend.forward_and_gradients(
             self, x, y, sample_weight, [variables[p] for p in above]
         )
@@ -331,34 +310,6 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         chosen = np.flatnonzero(np.asarray(selection) > 0)
         lowest = int(chosen[0]) if chosen.size else len(self._units)
         return max(cut for cut in self.cut_points if cut <= lowest)
-
-    def _optimizer_steps(self, read: Callable) -> int:
-        """``optimizer.iterations`` (the steps taken, counting accumulated micro-batches
-        as one) read through ``read``, for which it must be a variable."""
-        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        count = int(read(optimizer._iterations))
-        accumulation = optimizer.gradient_accumulation_steps
-        return count // accumulation if accumulation else count
-
-    @contextlib.contextmanager
-    def _tracing_cut(self, cut: int) -> Iterator[None]:
-        """The cut of a step traced now (outside: 0, no cut, valid for any selection)."""
-        self._cut = cut
-        try:
-            yield
-        finally:
-            self._cut = 0
-
-    @contextlib.contextmanager
-    def _own_train_step(self) -> Iterator[None]:
-        """A distinct ``train_step`` object for Keras to compile: `jax.jit` caches
-        traces by function, and a bound method equals every other one of the same
-        method, so one cut's trace would be reused for all."""
-        self.train_step = functools.partial(type(self).train_step, self)
-        try:
-            yield
-        finally:
-            del self.train_step
 
     def _unit_positions(self, variables: Sequence[Any]) -> list[list[int]]:
         """Per candidate layer, the positions of its variables in ``variables``."""

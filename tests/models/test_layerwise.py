@@ -274,8 +274,8 @@ def test_compiled_step_truncates_the_ascent_and_reuses_activations():
     assert _matmuls_in_compiled_step(sam, x, y) == 28
     assert trainer.selected_layers == ["head"]
     selection = keras.ops.convert_to_numpy(trainer._selection.value)
-    with trainer._tracing_cut(trainer._cut_below(selection)):
-        assert trainer._cut == 4
+    with trainer._tracing_variant(trainer._cut_below(selection)):
+        assert trainer.step_variant == 4
         assert _matmuls_in_compiled_step(trainer, x, y) == 14 + 2
 
 
