@@ -1,69 +1,30 @@
-"""Sharpness of trained weights, written with `keras.ops` (only the gradient is backend code:
-TensorFlow or JAX).
+"""Sharpness of trained weights (with `keras_sam.sharpness`) and what measuring it costs.
 
-Two measures of the loss landscape around the final (clean) weights ``w`` on a fixed
-evaluation batch, with the model in inference mode (BatchNorm uses its moving
-statistics, so the measure depends only on the weights):
+`sharpness(model, x, y)` is what the generalization benchmark reports per method:
+the loss, the top Hessian eigenvalue, the one-step worst-case sharpness at radius
+ρ on all the samples and on chunks of ``m`` (m-sharpness), and the average loss
+increase along filter-normalized random directions of relative size α (Li et al.
+2018), all in inference mode.
 
-* **ascent sharpness** at radius ρ: ``L(w + ρ g/‖g‖) − L(w)`` with ``g = ∇L(w)``, the
-  first-order worst case in the ρ-ball that SAM minimizes (one global L2 norm);
-* **random filter-normalized sharpness** at relative radius α: the mean over a few
-  random Gaussian directions ``d`` of ``L(w + α d) − L(w)``, where ``d`` is
-  filter-normalized as in Li et al. 2018 ("Visualizing the Loss Landscape of Neural
-  Nets"): each filter (slice along the last axis of a kernel) of ``d`` is rescaled to
-  the norm of the same filter of ``w``, and ``d = 0`` on 1-D variables (biases,
-  normalization γ/β). Filter normalization makes the measure invariant to the
-  rescaling of weights that BatchNorm and ReLU allow, so networks trained with
-  different methods are comparable.
+``python -m benchmarks.sharpness`` times a Hessian-vector product against a
+gradient on the speed benchmark's CNN (same batch, both compiled) and the top
+Hessian eigenvalue on 512 samples, and writes ``sharpness_cost.json/md``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import argparse
+import time
+from collections.abc import Sequence
 from typing import Any
 
-import keras
 import numpy as np
-from keras import ops
 
-
-def _gradient(fn: Callable[[list], Any], values: list) -> list:
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.grad(fn)(values)
-    if keras.backend.backend() != "tensorflow":
-        raise NotImplementedError(
-            "benchmarks.sharpness needs the TensorFlow or the JAX backend."
-        )
-    import tensorflow as tf
-
-    with tf.GradientTape() as tape:
-        tape.watch(values)
-        loss = fn(values)
-    return tape.gradient(loss, values)
-
-
-def filter_normalized_direction(
-    weights: Sequence[Any], rng: np.random.Generator
-) -> list[np.ndarray]:
-    """A random direction with each filter's norm equal to that filter's weight norm."""
-    direction = []
-    for w in weights:
-        w = np.asarray(ops.convert_to_numpy(w), "float64")
-        if w.ndim < 2:
-            direction.append(np.zeros_like(w, "float32"))
-            continue
-        d = rng.standard_normal(w.shape)
-        axes = tuple(range(w.ndim - 1))
-        d_norm = np.sqrt(np.sum(d * d, axis=axes, keepdims=True))
-        w_norm = np.sqrt(np.sum(w * w, axis=axes, keepdims=True))
-        direction.append((d * w_norm / np.maximum(d_norm, 1e-12)).astype("float32"))
-    return direction
+from benchmarks import common
 
 
 def sharpness(
-    model: keras.Model,
+    model: Any,
     x: Any,
     y: Any,
     rho: float = 0.05,
@@ -71,50 +32,114 @@ def sharpness(
     num_random: int = 5,
     seed: int = 0,
     loss: Any = None,
+    m: int = 128,
 ) -> dict:
-    """Ascent and random filter-normalized sharpness of ``model`` on ``(x, y)``.
-
-    Args:
-        model: a built `keras.Model` (its current weights are measured, not changed).
-        x, y: the evaluation batch.
-        rho: radius of the ascent step (absolute L2 norm over all trainable weights).
-        alpha: relative radius of the random filter-normalized directions.
-        num_random: number of random directions averaged.
-        seed: seed of the random directions.
-        loss: a Keras loss; default sparse categorical cross-entropy on logits.
+    """Sharpness measures of ``model`` on ``(x, y)`` (its weights are not changed).
 
     Returns:
-        ``{"loss", "ascent", "random", "random_std", "grad_norm", "weight_norm"}``.
+        ``{"loss", "hessian_top", "ascent", "m_sharpness", "random", "random_std"}``.
     """
+    import keras
+
+    from keras_sam import sharpness as measure
+
     loss = loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    trainable = [ops.convert_to_tensor(v.value) for v in model.trainable_variables]
-    non_trainable = [ops.convert_to_tensor(v.value) for v in model.non_trainable_variables]
-    x = ops.convert_to_tensor(x)
-    y = ops.convert_to_tensor(y)
-
-    def loss_at(values: list) -> Any:
-        y_pred, _ = model.stateless_call(values, non_trainable, x, training=False)
-        return loss(y, y_pred)
-
-    base = float(ops.convert_to_numpy(loss_at(trainable)))
-    grads = _gradient(loss_at, trainable)
-    grad_norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in grads))
-    scale = rho / ops.maximum(grad_norm, 1e-12)
-    ascent = float(ops.convert_to_numpy(loss_at([w + scale * g for w, g in zip(trainable, grads)])))
-    rng = np.random.default_rng(seed)
-    increases = []
-    for _ in range(num_random):
-        direction = filter_normalized_direction(trainable, rng)
-        moved = [w + alpha * ops.convert_to_tensor(d) for w, d in zip(trainable, direction)]
-        increases.append(float(ops.convert_to_numpy(loss_at(moved))) - base)
-    weight_norm = float(
-        np.sqrt(sum(np.sum(np.square(ops.convert_to_numpy(w))) for w in trainable))
-    )
+    data = (x, y)
+    landscape = measure.loss_landscape(model, data, loss, points=2 * num_random + 1,
+                                       span=alpha * num_random, seed=seed)
+    center = float(landscape["losses"][num_random])
+    random_increase = landscape["losses"][[num_random - 1, num_random + 1]] - center
     return {
-        "loss": base,
-        "ascent": ascent - base,
-        "random": float(np.mean(increases)),
-        "random_std": float(np.std(increases)),
-        "grad_norm": float(ops.convert_to_numpy(grad_norm)),
-        "weight_norm": weight_norm,
+        "loss": center,
+        "hessian_top": float(
+            measure.hessian_eigenvalues(model, data, loss, k=1, max_iters=30, seed=seed)[0]
+        ),
+        "ascent": measure.worst_case_sharpness(model, data, loss, rho=rho),
+        "m_sharpness": measure.worst_case_sharpness(model, data, loss, rho=rho, m=m),
+        "random": float(np.mean(random_increase)),
+        "random_std": float(np.std(random_increase)),
     }
+
+
+def _time(fn: Any, repeats: int) -> float:
+    fn()  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure_cost(samples: int, repeats: int) -> dict:
+    """Median seconds of a gradient and of an HVP on one batch, and of the top eigenvalue."""
+    import keras
+
+    from benchmarks import speed
+    from keras_sam import backend
+    from keras_sam import sharpness as measure
+
+    model = speed.build_cnn(0)
+    rng = np.random.default_rng(0)
+    x = rng.random((samples, 32, 32, 3), dtype="float32")
+    y = rng.integers(0, 10, size=(samples,))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    values = [v.value for v in model.trainable_variables]
+    vectors = [keras.ops.ones_like(v) for v in values]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    xb, yb = keras.ops.convert_to_tensor(x[:128]), keras.ops.convert_to_tensor(y[:128])
+
+    def loss_of(v: list) -> Any:
+        y_pred, _ = model.stateless_call(v, non_trainable, xb, training=False)
+        return loss(yb, y_pred)
+
+    gradient = backend.function(lambda v: backend.gradient(loss_of, v))
+    hvp = backend.function(lambda v, d: backend.hessian_vector_product(loss_of, v, d))
+
+    def block(out: Any) -> None:
+        keras.ops.convert_to_numpy(out[0])
+
+    gradient_s = _time(lambda: block(gradient(values)), repeats)
+    hvp_s = _time(lambda: block(hvp(values, vectors)), repeats)
+    start = time.perf_counter()
+    top = measure.hessian_eigenvalues(model, (x, y), loss, k=1, seed=0, batch_size=128)
+    eigen_s = time.perf_counter() - start
+    return {
+        "gradient_s": gradient_s,
+        "hvp_s": hvp_s,
+        "hvp_over_gradient": hvp_s / gradient_s,
+        "top_eigenvalue": float(top[0]),
+        "top_eigenvalue_s": eigen_s,
+        "samples": samples,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_flags(parser)
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args(argv)
+    common.setup_backend(args.backend, parser)
+    samples, repeats = (128, 3) if args.quick else (args.samples, args.repeats)
+    report = {"machine": common.machine_info(args.device), "cost": measure_cost(samples, repeats)}
+    out = common.ensure_dir(args.out)
+    common.write_json(out / "sharpness_cost.json", report)
+    cost = report["cost"]
+    text = (
+        "# What measuring sharpness costs\n\n"
+        f"`{report['machine']['command']}` — {report['machine']['date']}, "
+        f"{report['machine']['device']}, load {report['machine']['load_average_1_5_15']}.\n\n"
+        "Speed benchmark CNN (BatchNorm, 32×32×3), inference mode, batch 128, compiled.\n\n"
+        "| gradient (ms) | Hessian-vector product (ms) | HVP / gradient | "
+        f"top eigenvalue on {cost['samples']} samples (s) |\n|---|---|---|---|\n"
+        f"| {1000 * cost['gradient_s']:.1f} | {1000 * cost['hvp_s']:.1f} | "
+        f"{cost['hvp_over_gradient']:.2f}× | {cost['top_eigenvalue_s']:.1f} |\n"
+    )
+    (out / "sharpness_cost.md").write_text(text, encoding="utf-8")
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()

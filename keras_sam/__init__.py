@@ -5,9 +5,11 @@ Train-step wrappers (`model.fit` works unchanged): `SAM`, `ASAM`, `KSAM`,
 `WSAM`. Optimizers with one gradient per step (Momentum-SAM):
 `keras_sam.optimizers.MSAM` and `keras_sam.optimizers.AdamWMSAM`, with
 `keras_sam.callbacks.MSAMCallback` for evaluation and checkpoints during `fit`.
+`keras_sam.sharpness` measures what SAM optimizes (Hessian spectrum, m-sharpness,
+loss landscapes); `keras_sam.callbacks.SharpnessMonitor` logs it during `fit`.
 """
 
-from keras_sam import callbacks, optimizers, rho
+from keras_sam import callbacks, optimizers, rho, sharpness
 from keras_sam.models import (
     ASAM,
     ESAM,
@@ -38,4 +40,5 @@ __all__ = [
     "callbacks",
     "optimizers",
     "rho",
+    "sharpness",
 ]

@@ -2,6 +2,7 @@
 
 * :class:`MSAMCallback`: keeps the Momentum-SAM perturbation out of validation, prediction,
   checkpoints and backups, and resumes training at the perturbed point.
+* :class:`SharpnessMonitor`: logs Hessian and sharpness measures into ``History``.
 * :func:`recalibrate_batchnorm` / :class:`BatchNormRecalibration`: recompute BatchNorm
   moving statistics at the clean weights after Momentum-SAM training (the statistics seen
   during training were gathered at perturbed weights).
@@ -10,15 +11,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_sam import sharpness
 from keras_sam.optimizers.momentum_perturbation import MomentumPerturbationOptimizer
+from keras_sam.validation import check_int
 
-__all__ = ["BatchNormRecalibration", "MSAMCallback", "recalibrate_batchnorm"]
+__all__ = ["BatchNormRecalibration", "MSAMCallback", "SharpnessMonitor", "recalibrate_batchnorm"]
 
 
 def find_momentum_sam_optimizer(optimizer: Any) -> MomentumPerturbationOptimizer | None:
@@ -325,3 +329,92 @@ class BatchNormRecalibration(keras.callbacks.Callback):
         self.batches_used = recalibrate_batchnorm(
             self.model, self.data, steps=self.steps, batch_size=self.batch_size
         )
+
+
+#: The measures `SharpnessMonitor` knows, as functions of (model, data, loss).
+SHARPNESS_MEASURES: dict[str, Any] = {
+    "hessian_top": lambda model, data, loss: float(
+        sharpness.hessian_eigenvalues(model, data, loss, k=1, max_iters=20, seed=0)[0]
+    ),
+    "hessian_trace": lambda model, data, loss: sharpness.hessian_trace(
+        model, data, loss, samples=10, seed=0
+    ),
+    "worst_case_sharpness": lambda model, data, loss: sharpness.worst_case_sharpness(
+        model, data, loss, rho=0.05
+    ),
+    "m_sharpness": lambda model, data, loss: sharpness.worst_case_sharpness(
+        model, data, loss, rho=0.05, m=128
+    ),
+    "average_sharpness": lambda model, data, loss: sharpness.average_sharpness(
+        model, data, loss, sigma=0.01, samples=5, seed=0
+    ),
+}
+
+
+class SharpnessMonitor(keras.callbacks.Callback):
+    """Logs sharpness measures of the model every ``every`` epochs, into ``logs``.
+
+    The values land in the epoch's ``logs`` (so `History`, `CSVLogger` and
+    `TensorBoard` record them) under their measure names. They are computed by
+    `keras_sam.sharpness` on ``data`` in inference mode, at the clean weights
+    also for the Momentum-SAM optimizers (the perturbation is removed while
+    measuring). Place it before `CSVLogger`/`TensorBoard` in ``callbacks``.
+
+    Measures (fixed settings, for comparable curves):
+
+    * ``"hessian_top"``: the top Hessian eigenvalue (Lanczos, ≤ 20 products);
+    * ``"hessian_trace"``: Hutchinson's trace estimate (10 probes);
+    * ``"worst_case_sharpness"``: one-step worst case at ρ = 0.05 on all of ``data``;
+    * ``"m_sharpness"``: the same averaged over chunks of 128 samples;
+    * ``"average_sharpness"``: mean loss increase under N(0, 0.01²) noise (5 draws).
+
+    Args:
+        data: ``(x, y[, sample_weight])`` arrays or an iterable of batches (keep
+            it small: a few hundred samples).
+        loss: a Keras loss; ``None`` (default) uses the model's compiled loss.
+        every: measure every this many epochs (int >= 1). Defaults to `1`.
+        measures: names from the list above. Defaults to ``("hessian_top",)``.
+
+    Raises:
+        ValueError: an unknown measure or ``every`` < 1.
+
+    Example:
+
+    ```python
+    monitor = keras_sam.callbacks.SharpnessMonitor((x_val[:256], y_val[:256]),
+                                                   measures=("hessian_top", "m_sharpness"))
+    history = trainer.fit(x, y, epochs=10, callbacks=[monitor])
+    history.history["hessian_top"]
+    ```
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        loss: Any = None,
+        every: int = 1,
+        measures: tuple[str, ...] = ("hessian_top",),
+    ) -> None:
+        super().__init__()
+        unknown = [m for m in measures if m not in SHARPNESS_MEASURES]
+        if isinstance(measures, str) or unknown or not measures:
+            raise ValueError(
+                f"`measures` must be a non-empty tuple of names from "
+                f"{sorted(SHARPNESS_MEASURES)}, got {measures!r}."
+            )
+        self.data = data
+        self.loss = loss
+        self.every = check_int(every, "every", low=1)
+        self.measures = tuple(measures)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None or (epoch + 1) % self.every:
+            return
+        loss = self.loss if self.loss is not None else getattr(self.model, "loss", None)
+        optimizer = find_momentum_sam_optimizer(getattr(self.model, "optimizer", None))
+        clean = optimizer.unperturbed() if optimizer is not None and optimizer.built else None
+        with clean or nullcontext():
+            for name in self.measures:
+                logs[name] = SHARPNESS_MEASURES[name](self.model, self.data, loss)
+
+

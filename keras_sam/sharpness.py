@@ -66,7 +66,10 @@ def hessian_eigenvalues(
 
     Lanczos iteration with full reorthogonalization on Hessian-vector products;
     it stops when the k largest Ritz values change by less than ``tol``
-    (relative) between iterations, after at most ``max_iters`` products.
+    (relative) between iterations, or after ``max_iters`` products. For k > 1,
+    Lanczos is restarted in the complement of the eigenvectors found, so that
+    repeated eigenvalues are found with their multiplicity (each restart costs
+    up to ``max_iters`` more products).
 
     Args:
         model: a built `keras.Model` (or a keras_sam wrapper).
@@ -96,7 +99,7 @@ def hessian_eigenvalues(
     max_iters = check_int(max_iters, "max_iters", low=1)
     tol = check_real(tol, "tol", low=0.0, low_open=True)
     objective = _Objective(model, data, loss, batch_size)
-    values, vectors = _lanczos(objective, k, max_iters, tol, np.random.default_rng(seed))
+    values, vectors = _top_eigenpairs(objective, k, max_iters, tol, np.random.default_rng(seed))
     if return_eigenvectors:
         return values, [objective.unflatten(v) for v in vectors.T]
     return values
@@ -474,24 +477,57 @@ def _chunks(batch: tuple, m: int) -> list[tuple]:
 
 
 # --------------------------------------------------------------------------- algorithms
-def _lanczos(
+def _top_eigenpairs(
     objective: _Objective, k: int, max_iters: int, tol: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k eigenpairs of the Hessian by Lanczos with full reorthogonalization."""
-    steps = min(max_iters, objective.size)
-    basis = np.zeros((steps, objective.size))
+    """Top-k eigenpairs of the Hessian: Lanczos, then deflated restarts.
+
+    A single Krylov sequence holds one vector per eigenspace, so it misses
+    repeated eigenvalues; for k > 1, Lanczos is rerun in the complement of the
+    vectors found until no eigenvalue above the k-th one is left there.
+    """
+    values, vectors = _lanczos(objective, k, max_iters, tol, rng, None)
+    for _ in range(k - 1 if k > 1 else 0):
+        extra_value, extra_vector = _lanczos(objective, 1, max_iters, tol, rng, vectors)
+        if extra_value[0] <= values[-1] + tol * max(abs(values[-1]), 1e-12):
+            break
+        values = np.concatenate([values, extra_value])
+        vectors = np.concatenate([vectors, extra_vector], axis=1)
+        order = np.argsort(values)[::-1][:k]
+        values, vectors = values[order], vectors[:, order]
+    return values, vectors
+
+
+def _lanczos(
+    objective: _Objective,
+    k: int,
+    max_iters: int,
+    tol: float,
+    rng: np.random.Generator,
+    exclude: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k Ritz pairs of the Hessian restricted to the complement of ``exclude``'s
+    columns (orthonormal), by Lanczos with full reorthogonalization."""
+    steps = min(max_iters, objective.size - (0 if exclude is None else exclude.shape[1]))
+    basis = np.zeros((max(steps, 1), objective.size))
+
+    def orthogonalize(w: np.ndarray, count: int) -> np.ndarray:
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            if exclude is not None:
+                w = w - exclude @ (exclude.T @ w)
+            w = w - basis[:count].T @ (basis[:count] @ w)
+        return w
+
+    q = orthogonalize(rng.standard_normal(objective.size), 0)
+    q /= np.linalg.norm(q)
     alphas: list[float] = []
     betas: list[float] = []
-    q = rng.standard_normal(objective.size)
-    q /= np.linalg.norm(q)
     previous = None
-    ritz_values = ritz_vectors = None
-    for j in range(steps):
+    for j in range(max(steps, 1)):
         basis[j] = q
         w = objective.hvp(q)
         alphas.append(float(w @ q))
-        for _ in range(2):  # twice is enough (Kahan-Parlett)
-            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+        w = orthogonalize(w, j + 1)
         tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         ritz_values, ritz_vectors = np.linalg.eigh(tridiagonal)
         top = ritz_values[::-1][:k]
@@ -501,15 +537,13 @@ def _lanczos(
             and len(top) == len(previous) == k
             and np.all(np.abs(top - previous) <= tol * np.maximum(np.abs(top), 1e-12))
         )
-        if converged or beta < 1e-10 * max(1.0, abs(alphas[-1])) or j == steps - 1:
+        if converged or beta < 1e-10 * max(1.0, abs(alphas[-1])) or j >= steps - 1:
             break
         previous = top
         betas.append(beta)
         q = w / beta
-    used = len(alphas)
     order = np.argsort(ritz_values)[::-1][:k]
-    vectors = basis[:used].T @ ritz_vectors[:, order]
-    return ritz_values[order], vectors
+    return ritz_values[order], basis[: len(alphas)].T @ ritz_vectors[:, order]
 
 
 def _worst_case(objective: _Objective, rho: float, adaptive: bool, steps: int) -> float:

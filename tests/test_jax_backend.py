@@ -41,6 +41,7 @@ JAX_TESTS = [
     "tests/jax_backend",
     "tests/test_contract.py",
     "tests/test_hardening.py",
+    "tests/test_sharpness.py",
 ]
 JAX_SELECTION = (
     "not (test_contract or test_hardening)"

@@ -223,7 +223,7 @@ def test_hyperparameters_are_keyword_only():
      {"rho_max": 1.0, "rho_min": 0.0, "lr_max": 1.0, "lr_min": 1.0}],
 )
 def test_proportional_rho_bad_arguments(kwargs):
-    with pytest.raises(ValueError, match="rho_max|lr_max"):
+    with pytest.raises(ValueError, match=r"rho_max|lr_max"):
         keras_sam.rho.ProportionalToLearningRate(**kwargs)
 
 

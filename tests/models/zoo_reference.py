@@ -7,6 +7,8 @@ batch, for ``steps`` steps, and returns the final parameters.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from tests import numpy_reference as ref
@@ -107,7 +109,7 @@ def sam_splits(params, x, y, lr, rho, splits, steps):
     bounds = [(j * len(x)) // splits for j in range(splits + 1)]
     for _ in range(steps):
         total = [np.zeros_like(p) for p in params]
-        for start, stop in zip(bounds[:-1], bounds[1:]):
+        for start, stop in itertools.pairwise(bounds):
             xs, ys = x[start:stop], y[start:stop]
             g = _grads(params, xs, ys)
             gs = _grads(_at(params, ref.sam_epsilon(g, rho)), xs, ys)
