@@ -235,6 +235,8 @@ def aggregate(runs: list[dict], methods: dict, names: Sequence[str], noises: Seq
             "cost_ratio": float(np.median(ratios)) if ratios else float("nan"),
             "ascent_sharpness": float(np.mean([g["sharpness"]["ascent"] for g in group])),
             "random_sharpness": float(np.mean([g["sharpness"]["random"] for g in group])),
+            "hessian_top": float(np.mean([g["sharpness"]["hessian_top"] for g in group])),
+            "m_sharpness": float(np.mean([g["sharpness"]["m_sharpness"] for g in group])),
             "final_loss": float(np.mean([g["sharpness"]["loss"] for g in group])),
             "test_curve": np.mean([g["test_curve"] for g in group], axis=0).tolist(),
         })
@@ -297,8 +299,8 @@ def markdown(report: dict) -> str:
             f"{100 * block['sam_gain']:+.2f} points)",
             "",
             "| method | ρ | test accuracy (%) | gain over base | of SAM's gain | cost | "
-            "ascent sharpness | random sharpness |",
-            "|---|---|---|---|---|---|---|---|",
+            "ascent sharpness | m-sharpness | Hessian λ_max | random sharpness |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in block["methods"].items():
             fraction = r["fraction_of_sam_gain"]
@@ -314,15 +316,16 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {methods[name]['label']} | {rho} | {100 * r['test_mean']:.2f} ± "
                 f"{100 * r['test_std']:.2f} | {gain} | {frac_text} | {r['cost_ratio']:.2f}× "
-                f"| {r['ascent_sharpness']:.4f} | {r['random_sharpness']:.4f} |"
+                f"| {r['ascent_sharpness']:.4f} | {r['m_sharpness']:.4f} "
+                f"| {r['hessian_top']:.3g} | {r['random_sharpness']:.4f} |"
             )
         lines.append("")
     lines += [
         "## Full grid",
         "",
         "| noise | method | ρ | test accuracy (%) | validation (%) | train, noisy labels (%) "
-        "| cost | ascent sharpness | random sharpness |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cost | ascent sharpness | m-sharpness | Hessian λ_max | random sharpness |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in report["grid"]:
         rho = "" if g["rho"] is None else f"{g['rho']:g}"
@@ -330,7 +333,8 @@ def markdown(report: dict) -> str:
             f"| {g['noise']:.0%} | {methods[g['method']]['label']} | {rho} "
             f"| {100 * g['test_mean']:.2f} ± {100 * g['test_std']:.2f} | {100 * g['val_mean']:.2f} "
             f"| {100 * g['train_noisy_mean']:.2f} | {g['cost_ratio']:.2f}× "
-            f"| {g['ascent_sharpness']:.4f} | {g['random_sharpness']:.4f} |"
+            f"| {g['ascent_sharpness']:.4f} | {g['m_sharpness']:.4f} | {g['hessian_top']:.3g} "
+            f"| {g['random_sharpness']:.4f} |"
         )
     return "\n".join(lines)
 

@@ -45,7 +45,8 @@ def test_generalization_quick_reports_every_method(tmp_path):
         assert set(block["methods"]) == _expected_methods()
         for name, r in block["methods"].items():
             for key in ("test_mean", "test_std", "val_mean", "cost_ratio",
-                        "ascent_sharpness", "random_sharpness"):
+                        "ascent_sharpness", "random_sharpness", "hessian_top",
+                        "m_sharpness"):
                 assert _finite(r[key]), (name, key)
             assert 0.0 <= r["test_mean"] <= 1.0
     for name in ("generalization.md", "generalization_tradeoff.png", "generalization_curves.png"):
