@@ -118,7 +118,10 @@ def hessian_trace(
     """Hutchinson's estimate of the Hessian trace: the mean of vᵀHv over Rademacher v.
 
     Args:
-        model, data, loss, batch_size: as in `hessian_eigenvalues`.
+        model: as in `hessian_eigenvalues`.
+        data: as in `hessian_eigenvalues`.
+        loss: as in `hessian_eigenvalues`.
+        batch_size: as in `hessian_eigenvalues`.
         samples: the number of probes (int >= 1). Defaults to `100`.
         seed: seed of the probes.
         return_std_error: also return the standard error of the estimate.
@@ -165,7 +168,10 @@ def worst_case_sharpness(
     al. 2023, arXiv 2302.07011). ``m=None`` takes all the data as one chunk.
 
     Args:
-        model, data, loss, batch_size: as in `hessian_eigenvalues`.
+        model: as in `hessian_eigenvalues`.
+        data: as in `hessian_eigenvalues`.
+        loss: as in `hessian_eigenvalues`.
+        batch_size: as in `hessian_eigenvalues`.
         rho: the radius ρ >= 0.
         m: the chunk size (int >= 1) or ``None``.
         adaptive: scale the ball by |w| elementwise.
@@ -205,7 +211,10 @@ def average_sharpness(
     """E over δ ~ N(0, σ²I) of L(w + δ) − L(w) (σ|w| elementwise when ``adaptive``).
 
     Args:
-        model, data, loss, batch_size: as in `hessian_eigenvalues`.
+        model: as in `hessian_eigenvalues`.
+        data: as in `hessian_eigenvalues`.
+        loss: as in `hessian_eigenvalues`.
+        batch_size: as in `hessian_eigenvalues`.
         sigma: the noise scale σ >= 0.
         samples: Monte Carlo draws (int >= 1).
         adaptive: scale the noise by |w| elementwise.
@@ -256,7 +265,10 @@ def loss_landscape(
     (α = 0 is the model, α = 1 the target: e.g. the SGD and SAM solutions).
 
     Args:
-        model, data, loss, batch_size: as in `hessian_eigenvalues`.
+        model: as in `hessian_eigenvalues`.
+        data: as in `hessian_eigenvalues`.
+        loss: as in `hessian_eigenvalues`.
+        batch_size: as in `hessian_eigenvalues`.
         directions: 1 or 2 random directions (ignored with ``target``).
         span: the extent of the grid (> 0).
         points: grid points per axis (int >= 2).

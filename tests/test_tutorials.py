@@ -18,7 +18,7 @@ nbclient = pytest.importorskip("nbclient", reason="needs nbclient (the `test` ex
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "tutorials").glob("*.ipynb"))
-EXPECTED = ["01_quickstart", "02_momentum_sam", "03_cheap_sam", "04_tpu_training"]
+EXPECTED = ["01_quickstart", "02_momentum_sam", "03_cheap_sam", "04_tpu_training", "05_sharpness"]
 COLAB = "https://colab.research.google.com/github/keras-sam/keras-sam/blob/main/tutorials/"
 CELL_TIMEOUT_S = 300
 

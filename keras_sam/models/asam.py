@@ -36,9 +36,9 @@ class ASAM(SharpnessAwareTrainer):
         model: the `keras.Model` to train.
         rho: radius ρ >= 0 (float or a schedule of the step). Defaults to `0.5`.
         eta: η >= 0 added to |w| (η = 0 allowed). Defaults to `0.01`.
-        perturbation_scope, perturb, num_batch_splits: options every wrapper
-            takes; see `SharpnessAwareTrainer`.
-        **kwargs: passed to `keras.Model`.
+        **kwargs: the options every wrapper takes (``perturbation_scope``,
+            ``perturb``, ``num_batch_splits``; see `SharpnessAwareTrainer`) and
+            `keras.Model`'s (e.g. ``name``).
 
     Raises:
         TypeError: ``model`` not a `keras.Model`; ``rho`` or ``eta`` of a wrong type.

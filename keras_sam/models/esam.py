@@ -64,9 +64,9 @@ class ESAM(SharpnessAwareTrainer):
         gamma: γ in (0, 1], the fraction of the batch selected. Defaults to `0.5`.
         seed: an int >= 0 seeding the variable draw; ``None`` draws one (saved
             in the config). Defaults to `None`.
-        perturbation_scope, perturb, num_batch_splits: options every wrapper
-            takes; see `SharpnessAwareTrainer`.
-        **kwargs: passed to `keras.Model`.
+        **kwargs: the options every wrapper takes (``perturbation_scope``,
+            ``perturb``, ``num_batch_splits``; see `SharpnessAwareTrainer`) and
+            `keras.Model`'s (e.g. ``name``).
 
     Raises:
         TypeError: ``model`` not a `keras.Model`; an argument of a wrong type.

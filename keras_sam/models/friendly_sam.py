@@ -40,9 +40,9 @@ class FriendlySAM(SharpnessAwareTrainer):
         rho: radius ρ >= 0 (float or a schedule of the step). Defaults to `0.05`.
         sigma: σ >= 0, how much of m is removed. Defaults to `1.0`.
         lmbda: λ in [0, 1), the decay of m. Defaults to `0.9`.
-        perturbation_scope, perturb, num_batch_splits: options every wrapper
-            takes; see `SharpnessAwareTrainer`.
-        **kwargs: passed to `keras.Model`.
+        **kwargs: the options every wrapper takes (``perturbation_scope``,
+            ``perturb``, ``num_batch_splits``; see `SharpnessAwareTrainer`) and
+            `keras.Model`'s (e.g. ``name``).
 
     Raises:
         TypeError: ``model`` not a `keras.Model`; ``sigma`` or ``lmbda`` not a number.

@@ -42,9 +42,9 @@ class GSAM(SharpnessAwareTrainer):
             Defaults to `0.05`.
         alpha: α >= 0, the weight of the orthogonal correction. Defaults to
             `0.1` (the paper uses 0.01 for ResNets and 0.4–1.0 for ViTs).
-        perturbation_scope, perturb, num_batch_splits: options every wrapper
-            takes; see `SharpnessAwareTrainer`.
-        **kwargs: passed to `keras.Model`.
+        **kwargs: the options every wrapper takes (``perturbation_scope``,
+            ``perturb``, ``num_batch_splits``; see `SharpnessAwareTrainer`) and
+            `keras.Model`'s (e.g. ``name``).
 
     Raises:
         TypeError: ``model`` not a `keras.Model`; ``alpha`` not a number.

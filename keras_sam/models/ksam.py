@@ -45,12 +45,13 @@ class KSAM(SharpnessAwareTrainer):
         k: a float in (0, 1]: the fraction of each batch, k = max(1, round(k·|B|))
             per actual batch (so a smaller last batch keeps the fraction); or an
             int >= 1: a sample count (the whole batch when larger). Defaults to `0.1`.
-        perturbation_scope: ``"replica"`` (default) or ``"global"``. Under
-            `tf.distribute` samples are always ranked per replica, on its local
-            shard; under JAX's `keras.distribution.DataParallel` per device with
-            ``"replica"``, and over the whole global batch with ``"global"`` (the
-            step is one SPMD program there).
-        **kwargs: passed to `keras.Model`.
+        **kwargs: the options every wrapper takes (``perturbation_scope``,
+            ``perturb``, ``num_batch_splits``; see `SharpnessAwareTrainer`) and
+            `keras.Model`'s (e.g. ``name``). Under `tf.distribute` samples are
+            always ranked per replica, on its local shard; under JAX's
+            `keras.distribution.DataParallel` per device with
+            ``perturbation_scope="replica"``, and over the whole global batch with
+            ``"global"`` (the step is one SPMD program there).
 
     Raises:
         TypeError: ``model`` not a `keras.Model`; ``k`` neither int nor float.

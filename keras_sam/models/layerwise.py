@@ -121,9 +121,9 @@ class LayerwiseSAM(SharpnessAwareTrainer):
             backward can be cut; each is one compiled variant of the step. 1
             turns truncation off (the ascent gradient of every candidate is
             computed, one compiled step). Defaults to `8`.
-        perturbation_scope, perturb, num_batch_splits: options every wrapper
-            takes; see `SharpnessAwareTrainer`.
-        **kwargs: passed to `keras.Model`.
+        **kwargs: the options every wrapper takes (``perturbation_scope``,
+            ``perturb``, ``num_batch_splits``; see `SharpnessAwareTrainer`) and
+            `keras.Model`'s (e.g. ``name``).
 
     Raises:
         TypeError: ``model`` not a `keras.Model`; an argument of a wrong type.

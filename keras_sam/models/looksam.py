@@ -58,9 +58,9 @@ class LookSAM(SharpnessAwareTrainer):
             `0.7` (the authors' ViT value; 0.1 was best on CIFAR in Becker et al.).
         k: an int >= 1: a SAM step every k optimizer steps (k = 1 is SAM).
             Defaults to `5`.
-        perturbation_scope, perturb, num_batch_splits: options every wrapper
-            takes; see `SharpnessAwareTrainer`.
-        **kwargs: passed to `keras.Model`.
+        **kwargs: the options every wrapper takes (``perturbation_scope``,
+            ``perturb``, ``num_batch_splits``; see `SharpnessAwareTrainer`) and
+            `keras.Model`'s (e.g. ``name``).
 
     Raises:
         TypeError: ``model`` not a `keras.Model`; ``alpha`` or ``k`` of a wrong type.

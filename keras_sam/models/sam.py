@@ -28,9 +28,9 @@ class SAM(SharpnessAwareTrainer):
         model: the `keras.Model` to train.
         rho: radius ρ >= 0 (float or a schedule of the step). Defaults to `0.05`
             (CIFAR-10; 0.1 for CIFAR-100 and fine-tuning).
-        perturbation_scope, perturb, num_batch_splits: options every wrapper
-            takes; see `SharpnessAwareTrainer`.
-        **kwargs: passed to `keras.Model`.
+        **kwargs: the options every wrapper takes (``perturbation_scope``,
+            ``perturb``, ``num_batch_splits``; see `SharpnessAwareTrainer`) and
+            `keras.Model`'s (e.g. ``name``).
 
     Raises:
         TypeError: ``model`` is not a `keras.Model`, or ``rho`` has a wrong type.

@@ -41,9 +41,9 @@ class WSAM(SharpnessAwareTrainer):
         model: the `keras.Model` to train.
         rho: radius ρ >= 0 (float or a schedule of the step). Defaults to `0.05`.
         gamma: γ in [0, 1), the weight of the sharpness term. Defaults to `0.9`.
-        perturbation_scope, perturb, num_batch_splits: options every wrapper
-            takes; see `SharpnessAwareTrainer`.
-        **kwargs: passed to `keras.Model`.
+        **kwargs: the options every wrapper takes (``perturbation_scope``,
+            ``perturb``, ``num_batch_splits``; see `SharpnessAwareTrainer`) and
+            `keras.Model`'s (e.g. ``name``).
 
     Raises:
         TypeError: ``model`` not a `keras.Model`; ``gamma`` not a number.
