@@ -416,5 +416,3 @@ class SharpnessMonitor(keras.callbacks.Callback):
         with clean or nullcontext():
             for name in self.measures:
                 logs[name] = SHARPNESS_MEASURES[name](self.model, self.data, loss)
-
-

@@ -61,20 +61,22 @@ METHODS: dict[str, DemoMethod] = {
     "asam": DemoMethod("ASAM rho=0.5", "sgd", lambda m: keras_sam.ASAM(m, rho=0.5), _sgd),
     # k = 0.5: with BatchNorm and batches of 64, k = 0.25 (16 samples normalized
     # together) trains poorly (66 % against 97 % at k = 0.5); see the K-SAM docs.
-    "ksam": DemoMethod(
-        "K-SAM k=0.5", "sgd", lambda m: keras_sam.KSAM(m, rho=0.05, k=0.5), _sgd
-    ),
+    "ksam": DemoMethod("K-SAM k=0.5", "sgd", lambda m: keras_sam.KSAM(m, rho=0.05, k=0.5), _sgd),
     "layerwise": DemoMethod(
         "Layer-wise SAM rho=0.05", "sgd", lambda m: keras_sam.LayerwiseSAM(m, rho=0.05), _sgd
     ),
     "msam": DemoMethod(
-        "MSAM rho=0.3", "sgd", lambda m: m,
+        "MSAM rho=0.3",
+        "sgd",
+        lambda m: m,
         lambda lr: keras_sam.optimizers.MSAM(lr(SGD_LR), momentum=0.9, rho=0.3),
         _msam_callbacks,
     ),
     "adamw": DemoMethod("AdamW (base)", "adamw", lambda m: m, _adamw),
     "adamw-msam": DemoMethod(
-        "AdamW-MSAM rho=0.3", "adamw", lambda m: m,
+        "AdamW-MSAM rho=0.3",
+        "adamw",
+        lambda m: m,
         lambda lr: keras_sam.optimizers.AdamWMSAM(lr(ADAM_LR), rho=0.3, weight_decay=0.004),
         _msam_callbacks,
     ),
@@ -172,8 +174,12 @@ def run_method(name: str, data: tuple, args: argparse.Namespace, verbose: int) -
     timer = StepTimer()
     print(f"\n== {method.label} ==")
     history = trainer.fit(
-        x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-        validation_data=(x_test, y_test), verbose=verbose,
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        validation_data=(x_test, y_test),
+        verbose=verbose,
         callbacks=[*method.callbacks(x_train), timer],
     )
     accuracy = _accuracy(model, x_test, y_test)
@@ -266,13 +272,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         data = load_digits(args.noise, args.seed)
     else:
         data = load_tfds(args.dataset)
-    methods = list(dict.fromkeys(
-        [METHODS[name].base for name in args.methods if METHODS[name].base not in args.methods]
-        + args.methods
-    ))
+    methods = list(
+        dict.fromkeys(
+            [METHODS[name].base for name in args.methods if METHODS[name].base not in args.methods]
+            + args.methods
+        )
+    )
     results = [run_method(name, data, args, verbose=0 if args.quiet else 1) for name in methods]
-    print(f"\nkeras_sam {keras_sam.__version__} demo: {args.dataset}, label noise "
-          f"{args.noise:.0%}, {args.epochs} epochs, seed {args.seed}\n")
+    print(
+        f"\nkeras_sam {keras_sam.__version__} demo: {args.dataset}, label noise "
+        f"{args.noise:.0%}, {args.epochs} epochs, seed {args.seed}\n"
+    )
     print(results_table(results))
     if args.plot:
         plot(results, args.plot)

@@ -57,22 +57,17 @@ def dual_vector(
     if scales is None:
         scales = [None] * len(grads)
     scaled = [
-        None if g is None else _times(ops.cast(g, "float32"), t)
-        for g, t in zip(grads, scales)
+        None if g is None else _times(ops.cast(g, "float32"), t) for g, t in zip(grads, scales)
     ]
     factor = safe_ratio(ops.cast(rho, "float32"), global_norm(scaled))
-    return [
-        None if tg is None else _times(tg, t) * factor for tg, t in zip(scaled, scales)
-    ]
+    return [None if tg is None else _times(tg, t) * factor for tg, t in zip(scaled, scales)]
 
 
 def add_perturbation(
     values: Sequence[Tensor], perturbation: Sequence[Tensor | None]
 ) -> list[Tensor]:
     """w + ε, in each variable's own dtype; ``None`` entries leave w unchanged."""
-    return [
-        w if e is None else w + ops.cast(e, w.dtype) for w, e in zip(values, perturbation)
-    ]
+    return [w if e is None else w + ops.cast(e, w.dtype) for w, e in zip(values, perturbation)]
 
 
 def all_finite(tensors: Sequence[Tensor | None]) -> Tensor:

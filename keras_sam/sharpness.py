@@ -190,10 +190,12 @@ def worst_case_sharpness(
         m = check_int(m, "m", low=1)
     chunks = [data] if m is None else _chunks(_concatenated(data, "data"), m)
     return float(
-        np.mean([
-            _worst_case(_Objective(model, chunk, loss, batch_size), rho, adaptive, steps)
-            for chunk in chunks
-        ])
+        np.mean(
+            [
+                _worst_case(_Objective(model, chunk, loss, batch_size), rho, adaptive, steps)
+                for chunk in chunks
+            ]
+        )
     )
 
 
@@ -442,8 +444,9 @@ def _batches(data: Any, batch_size: int) -> list[Batch]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(tuple(data))
         n = _batch_size((x, y, sample_weight))
         batches = [
-            tree.map_structure(lambda t, i=i: None if t is None else t[i : i + batch_size],
-                               (x, y, sample_weight))
+            tree.map_structure(
+                lambda t, i=i: None if t is None else t[i : i + batch_size], (x, y, sample_weight)
+            )
             for i in range(0, n, batch_size)
         ]
     elif isinstance(data, Iterable):
@@ -473,8 +476,10 @@ def _concatenated(data: Any, name: str) -> tuple:
     if len(batches) == 1:
         return batches[0]
     return tree.map_structure(
-        lambda *parts: None if parts[0] is None else np.concatenate(
-            [np.asarray(ops.convert_to_numpy(p)) for p in parts]
+        lambda *parts: (
+            None
+            if parts[0] is None
+            else np.concatenate([np.asarray(ops.convert_to_numpy(p)) for p in parts])
         ),
         *batches,
     )
@@ -596,7 +601,6 @@ def _target_weights(target: Any, objective: _Objective) -> list:
     target = [np.asarray(t) for t in target]
     if [t.shape for t in target] != [tuple(s) for s in objective.shapes]:
         raise ValueError(
-            "`target` must hold one array per trainable variable of `model`, with the "
-            "same shapes."
+            "`target` must hold one array per trainable variable of `model`, with the same shapes."
         )
     return target

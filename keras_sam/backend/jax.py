@@ -409,9 +409,7 @@ def forward_gradients_and_sample_scores(
         for position, value in zip(positions, chosen):
             values[position] = value
         weighted = multiply_sample_weight(sample_weight, unit)
-        loss, y_pred, ntv, mv = _pure_loss(
-            trainer, values, non_trainable, metrics, x, y, weighted
-        )
+        loss, y_pred, ntv, mv = _pure_loss(trainer, values, non_trainable, metrics, x, y, weighted)
         return trainer.optimizer.scale_loss(loss), (loss, y_pred, ntv, mv)
 
     (_, (loss, y_pred, ntv, mv)), (grads, scores) = jax.value_and_grad(
@@ -437,7 +435,12 @@ def stateless_sample_scores(
     def loss_fn(unit: Tensor) -> Tensor:
         weighted = multiply_sample_weight(sample_weight, unit)
         return _pure_loss(
-            trainer, list(trainable_values), list(non_trainable_values), metrics, x, y,
+            trainer,
+            list(trainable_values),
+            list(non_trainable_values),
+            metrics,
+            x,
+            y,
             weighted,
         )[0]
 

@@ -152,8 +152,8 @@ def reduced_update(grads: list, finite: Tensor | None) -> Iterator[tuple[list, T
     if finite is not None:
         failures = jax.lax.psum(1 - jnp.asarray(finite, "int32"), replicas.axis)
         agreed = jnp.logical_and(agreed, failures == 0)
-    replicas.finite = agreed if replicas.finite is None else jnp.logical_and(
-        replicas.finite, agreed
+    replicas.finite = (
+        agreed if replicas.finite is None else jnp.logical_and(replicas.finite, agreed)
     )
     replicas.reduced = True
     try:
@@ -225,8 +225,7 @@ def per_device_step(
         new_trainable, new_non_trainable, new_optimizer, new_metrics = new_state
         if replicas.finite is not None:  # a skipped step leaves the state everywhere
             new_non_trainable = [
-                jnp.where(replicas.finite, new, old)
-                for new, old in zip(new_non_trainable, local)
+                jnp.where(replicas.finite, new, old) for new, old in zip(new_non_trainable, local)
             ]
         new_non_trainable = [
             _merge(v, new, old, axis, index)
@@ -262,8 +261,7 @@ def _shard_map(function: Callable, mesh: Any, in_specs: Any, out_specs: Any) -> 
         )
     from jax.experimental.shard_map import shard_map  # jax < 0.6
 
-    return shard_map(function, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                     check_rep=False)
+    return shard_map(function, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
 def _merge(variable: Any, new: Tensor, old: Tensor, axis: str, index: Tensor) -> Tensor:

@@ -166,9 +166,7 @@ def forward_gradients_and_sample_scores(
     unit = tf.ones([batch_size], dtype="float32")
     with tf.GradientTape() as tape:
         tape.watch(unit)
-        y_pred, loss = _clean_forward(
-            trainer, x, y, multiply_sample_weight(sample_weight, unit)
-        )
+        y_pred, loss = _clean_forward(trainer, x, y, multiply_sample_weight(sample_weight, unit))
         scaled = trainer.optimizer.scale_loss(loss)
     *grads, scores = tape.gradient(scaled, [*wrt, unit])
     scores = tf.zeros_like(unit) if scores is None else scores / loss_scale(trainer.optimizer)
@@ -190,7 +188,11 @@ def stateless_sample_scores(
     with tf.GradientTape() as tape:
         tape.watch(unit)
         loss = _stateless_loss(
-            trainer, list(trainable_values), list(non_trainable_values), x, y,
+            trainer,
+            list(trainable_values),
+            list(non_trainable_values),
+            x,
+            y,
             multiply_sample_weight(sample_weight, unit),
         )
     return tape.gradient(loss, unit, unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -256,9 +258,7 @@ def _stateless_loss(
 
 def _clean_forward(trainer: Any, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor]:
     y_pred = trainer(x, training=True)
-    loss = trainer.compute_loss(
-        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-    )
+    loss = trainer.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
     return y_pred, loss
 
 

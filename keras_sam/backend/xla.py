@@ -22,9 +22,7 @@ def compiles_inside_step(jit_compile: Any, strategy: Any) -> bool:
         return False
     import tensorflow as tf
 
-    return strategy.num_replicas_in_sync > 1 and not isinstance(
-        strategy, tf.distribute.TPUStrategy
-    )
+    return strategy.num_replicas_in_sync > 1 and not isinstance(strategy, tf.distribute.TPUStrategy)
 
 
 def compiled(function: Callable) -> Callable:

@@ -74,8 +74,7 @@ class ASAM(SharpnessAwareTrainer):
 
     def perturbation(self, grads: list, variables: list) -> list:
         scales = [
-            None if v.name in NON_ADAPTIVE_NAMES else ops.abs(v.value) + self.eta
-            for v in variables
+            None if v.name in NON_ADAPTIVE_NAMES else ops.abs(v.value) + self.eta for v in variables
         ]
         return dual_vector(grads, self.current_rho(), scales)
 

@@ -459,9 +459,7 @@ class SharpnessAwareTrainer(ModelWrapper):
         # Compiled losses are divided by the number of replicas (Keras' own
         # convention); the tracker reports the per-sample mean loss.
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
-        self._loss_tracker.update_state(
-            loss * backend.num_replicas(), sample_weight=batch_size
-        )
+        self._loss_tracker.update_state(loss * backend.num_replicas(), sample_weight=batch_size)
 
     def _apply(self, grads: list, finite: Any) -> None:
         """optimizer.apply, skipping a step whose gradients are not finite.
@@ -556,5 +554,4 @@ def _subtract_if(finite: Any, variables: Sequence[Any], updates: Sequence[Any]) 
     """``w -= update`` for every variable with an update, where ``finite`` holds."""
     for variable, update in zip(variables, updates):
         if update is not None:
-            new = variable.value - ops.cast(update, variable.dtype)
-            variable.assign(ops.where(finite, new, variable.value))
+            variable.assign_sub(ops.where(finite, ops.cast(update, variable.dtype), 0.0))

@@ -122,13 +122,19 @@ class ESAM(SharpnessAwareTrainer):
         """SWP: each variable kept with probability β, ε scaled by 1/β."""
         if self.beta >= 1.0:
             return dual_vector(grads, self.current_rho())
-        seed = ops.stack([ops.convert_to_tensor(self.seed, "int32"),
-                          ops.cast(self.optimizer.iterations, "int32")])
-        kept = ops.cast(ops.less(backend.stateless_uniform((len(grads),), seed), self.beta),
-                        "float32")
+        seed = ops.stack(
+            [
+                ops.convert_to_tensor(self.seed, "int32"),
+                ops.cast(self.optimizer.iterations, "int32"),
+            ]
+        )
+        kept = ops.cast(
+            ops.less(backend.stateless_uniform((len(grads),), seed), self.beta), "float32"
+        )
         masked = [None if g is None else g * kept[i] for i, g in enumerate(grads)]
-        return [None if e is None else e / self.beta
-                for e in dual_vector(masked, self.current_rho())]
+        return [
+            None if e is None else e / self.beta for e in dual_vector(masked, self.current_rho())
+        ]
 
     def descent(self, ascent: Ascent, grads: list, state_before: list) -> Descent:
         epsilon = self.epsilon(grads)
@@ -136,8 +142,7 @@ class ESAM(SharpnessAwareTrainer):
             return Descent(self.perturbed_gradients(ascent, epsilon, state_before))
         perturbed = add_perturbation([v.value for v in self.trainable_variables], epsilon)
         x, y, sample_weight = ascent.batch
-        scores = backend.stateless_sample_scores(self, perturbed, state_before, x, y,
-                                                 sample_weight)
+        scores = backend.stateless_sample_scores(self, perturbed, state_before, x, y, sample_weight)
         sharpness = scores - ascent.scores
         count = self.num_selected(ops.shape(sharpness)[0])
         top, chosen = ops.top_k(sharpness, count)

@@ -110,6 +110,7 @@ def _is_multi_worker(strategy: Any) -> bool:
         return False
     import tensorflow as tf
 
-    return isinstance(
-        strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ) and strategy.extended._in_multi_worker_mode()
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
