@@ -109,9 +109,8 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
         self.epsilon = epsilon
 
     def _build_slots(self, variables: list) -> None:
-        self._momentums, self._velocities = self.add_optimizer_variables(
-            variables, ["momentum", "velocity"]
-        )
+        self._momentums = self._add_slots(variables, "momentum")
+        self._velocities = self._add_slots(variables, "velocity")
 
     def _direction_slots(self) -> list:
         return self._momentums

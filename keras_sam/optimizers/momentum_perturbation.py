@@ -155,6 +155,17 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         """Per-variable direction slots, aligned with ``self._trainable_variables``."""
         raise NotImplementedError
 
+    def _add_slots(self, variables: list, name: str) -> list:
+        """One zeros slot per variable, named after it (``None`` for variables whose
+        value is overwritten by their gradient, e.g. float8 scales), as Keras 3.9's
+        ``add_optimizer_variables``; written here so older Keras 3 works too."""
+        return [
+            None
+            if getattr(v, "overwrite_with_gradient", False)
+            else self.add_variable_from_reference(v, name)
+            for v in variables
+        ]
+
     # ------------------------------------------------------------------ build / state
     def build(self, variables: list) -> None:
         if self.built:

@@ -129,7 +129,7 @@ class MSAM(MomentumPerturbationOptimizer):
         self.nesterov = False
 
     def _build_slots(self, variables: list) -> None:
-        self.momentums = self.add_optimizer_variables(variables, "momentum")
+        self.momentums = self._add_slots(variables, "momentum")
 
     def _direction_slots(self) -> list:
         return self.momentums
