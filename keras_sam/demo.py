@@ -248,7 +248,9 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="keras-sam-demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="keras-sam-demo", description=(__doc__ or "").split("\n")[0]
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -76,3 +76,10 @@ def test_wheel_ships_py_typed(tmp_path):
     assert "keras_sam/py.typed" in names
     assert "keras_sam/models/gsam.py" in names
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
+
+
+def test_imports_with_docstrings_stripped():
+    """``python -OO`` drops docstrings; the package must not depend on them."""
+    result = _run(sys.executable, "-OO", "-c", "import keras_sam, keras_sam.demo; print('ok')")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")

@@ -70,6 +70,7 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
     def __init__(
         self,
         learning_rate: Any = 1e-3,
+        *,
         rho: RhoLike = 0.3,
         beta_1: float = 0.9,
         beta_2: float = 0.999,
@@ -142,7 +143,8 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
         return config
 
 
-AdamWMSAM.__doc__ = AdamWMSAM.__doc__.replace(
-    "{{base_optimizer_keyword_args}}",
-    keras.src.optimizers.optimizer.base_optimizer_keyword_args,
-)
+if AdamWMSAM.__doc__ is not None:  # None under python -OO
+    AdamWMSAM.__doc__ = AdamWMSAM.__doc__.replace(
+        "{{base_optimizer_keyword_args}}",
+        keras.src.optimizers.optimizer.base_optimizer_keyword_args,
+    )

@@ -87,6 +87,7 @@ class MSAM(MomentumPerturbationOptimizer):
     def __init__(
         self,
         learning_rate: Any = 0.1,
+        *,
         momentum: float = 0.9,
         rho: RhoLike = 0.3,
         nesterov: bool = False,
@@ -151,7 +152,8 @@ class MSAM(MomentumPerturbationOptimizer):
         return config
 
 
-MSAM.__doc__ = MSAM.__doc__.replace(
-    "{{base_optimizer_keyword_args}}",
-    keras.src.optimizers.optimizer.base_optimizer_keyword_args,
-)
+if MSAM.__doc__ is not None:  # None under python -OO
+    MSAM.__doc__ = MSAM.__doc__.replace(
+        "{{base_optimizer_keyword_args}}",
+        keras.src.optimizers.optimizer.base_optimizer_keyword_args,
+    )

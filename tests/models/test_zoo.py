@@ -270,3 +270,10 @@ def test_num_batch_splits_updates_batchnorm_once_per_part():
         got = getattr(trainer.model.get_layer("bn"), name).numpy()
         want = getattr(reference.get_layer("bn"), name).numpy()
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("positional", [(0.1, 0.3), (1e-3, 0.3)])
+def test_optimizer_hyperparameters_are_keyword_only(positional):
+    for cls in (keras_sam.optimizers.MSAM, keras_sam.optimizers.AdamWMSAM):
+        with pytest.raises(TypeError):
+            cls(*positional)
