@@ -433,8 +433,15 @@ class SharpnessAwareTrainer(ModelWrapper):
         """One float32 zeros variable per trainable variable of the model, saved with
         the wrapper (per-parameter state of a variant: LookSAM, Friendly-SAM).
 
-        The model must be built; `build` calls `build_slots` for a model built later.
+        Raises:
+            ValueError: the model has no variables yet (it must be built first).
         """
+        if not self.model.trainable_variables:
+            raise ValueError(
+                f"{type(self).__name__} keeps state per model variable, so `model` must "
+                "be built when it is wrapped: give it an `Input` or call "
+                "`model.build(input_shape)` first."
+            )
         return [
             self.add_weight(
                 shape=v.shape,
@@ -446,13 +453,6 @@ class SharpnessAwareTrainer(ModelWrapper):
             )
             for i, v in enumerate(self.model.trainable_variables)
         ]
-
-    def build_slots(self) -> None:
-        """Hook: create per-parameter state (`add_slots`) once the model is built."""
-
-    def build(self, input_shape: Any = None) -> None:
-        super().build(input_shape)
-        self.build_slots()
 
     # ------------------------------------------------------------------ helpers
     def _track_loss(self, loss: Any, x: Any) -> None:

@@ -35,8 +35,7 @@ class FriendlySAM(SharpnessAwareTrainer):
     Cost: SAM's (two forward/backward passes).
 
     Args:
-        model: the `keras.Model` to train. If it is not built yet, it is built
-            (and m created) on the first batch.
+        model: the `keras.Model` to train, built (m is created with the wrapper).
         rho: radius ρ >= 0 (float or a schedule of the step). Defaults to `0.05`.
         sigma: σ >= 0, how much of m is removed. Defaults to `1.0`.
         lmbda: λ in [0, 1), the decay of m. Defaults to `0.9`.
@@ -46,7 +45,8 @@ class FriendlySAM(SharpnessAwareTrainer):
 
     Raises:
         TypeError: ``model`` not a `keras.Model`; ``sigma`` or ``lmbda`` not a number.
-        ValueError: ``sigma`` negative; ``lmbda`` outside [0, 1); bad ``rho``.
+        ValueError: ``sigma`` negative; ``lmbda`` outside [0, 1); bad ``rho``;
+            ``model`` not built.
 
     Example:
 
@@ -73,13 +73,7 @@ class FriendlySAM(SharpnessAwareTrainer):
         super().__init__(model, rho=rho, **kwargs)
         self.sigma = check_real(sigma, "sigma", low=0.0)
         self.lmbda = check_real(lmbda, "lmbda", low=0.0, high=1.0, high_open=True)
-        self._averages: list = []
-        if self.built:
-            self.build_slots()
-
-    def build_slots(self) -> None:
-        if not self._averages:
-            self._averages = self.add_slots("friendly_sam_average", "mean")
+        self._averages = self.add_slots("friendly_sam_average", "mean")
 
     def perturbation(self, grads: list, variables: list) -> list:
         first = ops.equal(self.optimizer.iterations, 0)

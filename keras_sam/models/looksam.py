@@ -51,8 +51,7 @@ class LookSAM(SharpnessAwareTrainer):
     Cost: (1 + 1/k) times the base optimizer.
 
     Args:
-        model: the `keras.Model` to train. If it is not built yet, it is built
-            (and ĝ_v created) on the first batch.
+        model: the `keras.Model` to train, built (ĝ_v is created with the wrapper).
         rho: radius ρ >= 0 (float or a schedule of the step). Defaults to `0.05`.
         alpha: α >= 0, how far the reuse steps lean along ĝ_v. Defaults to
             `0.7` (the authors' ViT value; 0.1 was best on CIFAR in Becker et al.).
@@ -64,7 +63,8 @@ class LookSAM(SharpnessAwareTrainer):
 
     Raises:
         TypeError: ``model`` not a `keras.Model`; ``alpha`` or ``k`` of a wrong type.
-        ValueError: ``alpha`` negative or not finite; ``k`` < 1; bad ``rho``.
+        ValueError: ``alpha`` negative or not finite; ``k`` < 1; bad ``rho``;
+            ``model`` not built.
 
     Example:
 
@@ -93,13 +93,7 @@ class LookSAM(SharpnessAwareTrainer):
         super().__init__(model, rho=rho, **kwargs)
         self.alpha = check_real(alpha, "alpha", low=0.0)
         self.k = check_int(k, "k", low=1)
-        self._directions: list = []
-        if self.built:
-            self.build_slots()
-
-    def build_slots(self) -> None:
-        if not self._directions:
-            self._directions = self.add_slots("looksam_direction", "only_first_replica")
+        self._directions = self.add_slots("looksam_direction", "only_first_replica")
 
     def step_variants(self) -> list:
         """A SAM step and a reuse step, compiled apart and chosen on the host per call

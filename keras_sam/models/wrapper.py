@@ -17,6 +17,7 @@ optimizer-only method (Momentum-SAM) trains under MultiWorkerMirroredStrategy.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import keras
@@ -59,7 +60,9 @@ class ModelWrapper(keras.Model):
         return self.model(inputs, training=training)
 
     def build(self, input_shape: Any = None) -> None:
-        if not self.model.built and input_shape is not None:
+        # A subclassed model without its own `build` is built by its first call.
+        own_build = type(self.model).build is not keras.Model.build
+        if not self.model.built and input_shape is not None and own_build:
             self.model.build(input_shape)
         self.built = True
 
@@ -77,17 +80,33 @@ class ModelWrapper(keras.Model):
         return {key: ops.reshape(value, [-1]) for key, value in logs.items()}
 
     def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        """Builds the model from one batch before the first step is traced.
+
+        Keras' TensorFlow trainer without a strategy defers building to the trace
+        of the first step, where a wrapper's step would read the variables before
+        the model's first call creates them (an unbuilt subclassed model); and under
+        MultiWorkerMirroredStrategy it reduces a distributed batch it cannot reduce.
+        Both cases build here from one local batch, as Keras does under a strategy.
+        """
         strategy = getattr(self, "_distribute_strategy", None)
-        if iterator is None or not _is_multi_worker(strategy):
+        multi_worker = _is_multi_worker(strategy)
+        unbuilt = (
+            strategy is None
+            and keras.backend.backend() == "tensorflow"
+            and not all(layer.built for layer in self._flatten_layers())
+        )
+        if not (multi_worker or unbuilt) or (iterator is None and data_batch is None):
             super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
             return
-        for _, _, batches in iterator:
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = next(batches)
+                break
+        if multi_worker:
             data_batch = keras.tree.map_structure(
-                lambda value: strategy.experimental_local_results(value)[0],
-                next(batches),
+                lambda value: strategy.experimental_local_results(value)[0], data_batch
             )
-            break
-        with strategy.scope():
+        with strategy.scope() if multi_worker else contextlib.nullcontext():
             self._symbolic_build(data_batch=data_batch)
 
     # ------------------------------------------------------------ config
