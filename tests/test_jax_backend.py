@@ -43,14 +43,16 @@ JAX_TESTS = [
     "tests/test_hardening.py",
     "tests/test_sharpness.py",
 ]
+#: ``jit_compile=False`` variants are left out: on JAX they run eagerly, op by op, which
+#: costs minutes and exercises no backend code the compiled run does not.
 JAX_SELECTION = (
-    "not (test_contract or test_hardening)"
+    "(not (test_contract or test_hardening)"
     " or (test_rho_zero_equals_base_optimizer and True)"
     " or test_batchnorm_statistics_updated_once"
     " or test_non_finite_batch_skips_the_step"
     " or test_keras_file_round_trip"
     " or test_config_round_trip"
-    " or test_overflowing_step_is_skipped"
+    " or test_overflowing_step_is_skipped) and not False"
 )
 #: The JAX run's share of the suite's time budget (2 CPU cores); it takes ~4 min.
 JAX_TIMEOUT_S = 600

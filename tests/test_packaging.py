@@ -52,7 +52,8 @@ def test_version_is_defined_once():
     assert importlib.metadata.version("keras-sam") == keras_sam.__version__
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert 'dynamic = ["version"]' in pyproject
-    assert re.search(r"^version\s*=", pyproject, re.M) is None
+    project_table = pyproject.split("[project]", 1)[1].split("\n[", 1)[0]
+    assert re.search(r"^version\s*=", project_table, re.M) is None
     citation = (ROOT / "CITATION.cff").read_text(encoding="utf-8")
     assert f'version: "{keras_sam.__version__}"' in citation
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
