@@ -147,8 +147,7 @@ def forward_and_sample_scores(
     and multiple outputs. Only the loss reduction is differentiated: the model's
     backward pass is not built.
     """
-    batch_size = tf.shape(tree.flatten(x)[0])[0]
-    unit = tf.ones([batch_size], dtype="float32")
+    unit = _ones_per_sample(x)
     with tf.GradientTape() as tape:
         tape.watch(unit)
         weighted = multiply_sample_weight(sample_weight, unit)
@@ -162,8 +161,7 @@ def forward_gradients_and_sample_scores(
 ) -> tuple[Tensor, Any, list[Tensor | None], Tensor]:
     """`forward_and_gradients` that also returns the per-sample scores of
     `forward_and_sample_scores` (unscaled), from the same pass."""
-    batch_size = tf.shape(tree.flatten(x)[0])[0]
-    unit = tf.ones([batch_size], dtype="float32")
+    unit = _ones_per_sample(x)
     with tf.GradientTape() as tape:
         tape.watch(unit)
         y_pred, loss = _clean_forward(trainer, x, y, multiply_sample_weight(sample_weight, unit))
@@ -183,8 +181,7 @@ def stateless_sample_scores(
 ) -> Tensor:
     """Per-sample scores (as `forward_and_sample_scores`) at the given values; a
     forward pass and the loss reduction's backward only; nothing is written."""
-    batch_size = tf.shape(tree.flatten(x)[0])[0]
-    unit = tf.ones([batch_size], dtype="float32")
+    unit = _ones_per_sample(x)
     with tf.GradientTape() as tape:
         tape.watch(unit)
         loss = _stateless_loss(
@@ -254,6 +251,11 @@ def _stateless_loss(
     finally:
         trainer._losses_override = []
     return loss
+
+
+def _ones_per_sample(x: Any) -> Tensor:
+    """A float32 1 per sample of ``x`` (the factors per-sample scores differentiate)."""
+    return tf.ones([tf.shape(tree.flatten(x)[0])[0]], dtype="float32")
 
 
 def _clean_forward(trainer: Any, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor]:
