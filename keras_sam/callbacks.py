@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sam import sharpness
+from keras_sam import internals, sharpness
 from keras_sam.optimizers.momentum_perturbation import MomentumPerturbationOptimizer
 from keras_sam.validation import check_int
 
@@ -121,7 +121,7 @@ class MSAMCallback(keras.callbacks.Callback):
     # -- training
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._optimizer = self._get_optimizer()
-        self._optimizer._attach_callback()
+        self._optimizer.attach_callback()
         self._in_fit = True
         if not self.swap_on_epoch:
             self._apply()
@@ -143,7 +143,7 @@ class MSAMCallback(keras.callbacks.Callback):
         if self._optimizer is not None:
             # `fit` already called finalize_variable_values; this is idempotent.
             self._optimizer.remove_perturbation()
-            self._optimizer._detach_callback()
+            self._optimizer.detach_callback()
             self._optimizer = None
 
     # -- evaluation
@@ -177,7 +177,7 @@ class MSAMCallback(keras.callbacks.Callback):
 
 def _batchnorm_layers(model: keras.Model) -> list:
     layers = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in internals.all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization) and layer.built:
             layers.append(layer)
     return layers

@@ -11,13 +11,14 @@ instead (GSAM's schedule).
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from typing import Any
 
 import keras
 from keras import ops
+
+from keras_sam.validation import check_real
 
 RhoLike = float | Callable[[Any], Any]
 
@@ -36,13 +37,8 @@ def validate_rho(rho: RhoLike, name: str = "rho") -> RhoLike:
         TypeError: if ``rho`` is neither a real number nor a callable.
         ValueError: if ``rho`` is negative, NaN or infinite.
     """
-    if isinstance(rho, bool):
-        raise TypeError(f"`{name}` must be a float or a schedule, got the bool {rho!r}.")
     if isinstance(rho, numbers.Real):
-        value = float(rho)
-        if not math.isfinite(value) or value < 0.0:
-            raise ValueError(f"`{name}` must be a finite number >= 0, got {rho!r}.")
-        return value
+        return check_real(rho, name, low=0.0)  # refuses bools too
     if callable(rho):
         return rho
     raise TypeError(
@@ -103,8 +99,6 @@ class ProportionalToLearningRate:
     """
 
     def __init__(self, rho_max: float, rho_min: float, lr_max: float, lr_min: float) -> None:
-        from keras_sam.validation import check_real
-
         self.rho_max = check_real(rho_max, "rho_max", low=0.0)
         self.rho_min = check_real(rho_min, "rho_min", low=0.0)
         self.lr_max = check_real(lr_max, "lr_max")

@@ -73,6 +73,32 @@ def check_int(value: Any, name: str, *, low: int | None = None) -> int:
     return int(value)
 
 
+def check_count_or_fraction(value: Any, name: str, *, min_count: int, what: str) -> int | float:
+    """``value`` as an int count >= ``min_count``, or a float fraction of ``what``.
+
+    The fraction lies in (0, 1], or in [0, 1] when ``min_count`` is 0.
+
+    Raises:
+        TypeError: ``value`` is not a real number (bools are refused).
+        ValueError: the count or the fraction is out of range.
+
+    Example:
+
+    >>> check_count_or_fraction(0.25, "k", min_count=1, what="the batch")
+    0.25
+    >>> check_count_or_fraction(8, "k", min_count=1, what="the batch")
+    8
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"`{name}` must be an int >= {min_count} (a count) or a float (a fraction of "
+            f"{what}), got {type(value).__name__}."
+        )
+    if isinstance(value, numbers.Integral):
+        return check_int(value, name, low=min_count)
+    return check_real(value, name, low=0.0, high=1.0, low_open=min_count > 0)
+
+
 def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
     """``value`` if it is one of ``choices``.
 

@@ -1,40 +1,54 @@
-"""The few backend-specific pieces: computing losses and gradients.
+"""The one boundary between keras_sam and a Keras backend.
 
-Everything else in keras_sam is written with `keras.ops` and runs unchanged on
-every backend; this package picks the implementation for the active one
-(TensorFlow or JAX). On other backends (PyTorch) importing `keras_sam` works
-(the Momentum-SAM optimizers need none of this), and constructing a train-step
-wrapper raises `NotImplementedError` (`check_supported`).
+`keras_sam.backend.interface.Backend` lists the functions keras_sam's methods
+need from a backend; ``keras_sam/backend/<name>/`` implements them for one
+(``tensorflow``, ``jax``; ``torch`` for PyTorch and any other backend, where
+only the Momentum-SAM optimizers work so far). This package re-exports the
+implementation of the active Keras backend, so ``from keras_sam import backend``
+followed by ``backend.forward_and_gradients(...)`` runs the right one.
+Everything outside this package is written with `keras.ops` and imports no
+backend library.
 """
+
+from __future__ import annotations
 
 import importlib
 from typing import Any
 
 import keras
 
+from keras_sam.backend.common import loss_scale
+from keras_sam.backend.interface import FUNCTIONS
+
 _BACKEND = keras.backend.backend()
+#: The backends whose train-step wrappers are supported.
 SUPPORTED_BACKENDS = ("tensorflow", "jax")
 
 _implementation = importlib.import_module(
-    f"keras_sam.backend.{_BACKEND if _BACKEND in SUPPORTED_BACKENDS else 'unsupported'}"
+    f"keras_sam.backend.{_BACKEND if _BACKEND in SUPPORTED_BACKENDS else 'torch'}"
 )
-all_reduce_sum = _implementation.all_reduce_sum
-apply_gradients = _implementation.apply_gradients
-apply_if_finite = _implementation.apply_if_finite
+stateful_train_step = _implementation.stateful_train_step
 dispatched_train_function = _implementation.dispatched_train_function
+compiles_inside_step = _implementation.compiles_inside_step
+xla_compiled = _implementation.xla_compiled
+snapshot = _implementation.snapshot
+num_replicas = _implementation.num_replicas
+all_reduce_sum = _implementation.all_reduce_sum
+apply_if_finite = _implementation.apply_if_finite
+apply_gradients = _implementation.apply_gradients
 forward_and_gradients = _implementation.forward_and_gradients
 forward_and_sample_scores = _implementation.forward_and_sample_scores
-function = _implementation.function
-gradient = _implementation.gradient
-hessian_vector_product = _implementation.hessian_vector_product
 forward_gradients_and_sample_scores = _implementation.forward_gradients_and_sample_scores
-loss_scale = _implementation.loss_scale
-num_replicas = _implementation.num_replicas
-snapshot = _implementation.snapshot
-stateful_train_step = _implementation.stateful_train_step
 stateless_gradients = _implementation.stateless_gradients
 stateless_sample_scores = _implementation.stateless_sample_scores
 stateless_uniform = _implementation.stateless_uniform
+cross_replica_call = _implementation.cross_replica_call
+update_variable = _implementation.update_variable
+is_multi_worker = _implementation.is_multi_worker
+builds_model_in_first_step = _implementation.builds_model_in_first_step
+function = _implementation.function
+gradient = _implementation.gradient
+hessian_vector_product = _implementation.hessian_vector_product
 
 
 def check_supported(what: Any) -> None:
@@ -49,24 +63,4 @@ def check_supported(what: Any) -> None:
         )
 
 
-__all__ = [
-    "SUPPORTED_BACKENDS",
-    "all_reduce_sum",
-    "apply_gradients",
-    "apply_if_finite",
-    "check_supported",
-    "dispatched_train_function",
-    "forward_and_gradients",
-    "forward_and_sample_scores",
-    "forward_gradients_and_sample_scores",
-    "function",
-    "gradient",
-    "hessian_vector_product",
-    "loss_scale",
-    "num_replicas",
-    "snapshot",
-    "stateful_train_step",
-    "stateless_gradients",
-    "stateless_sample_scores",
-    "stateless_uniform",
-]
+__all__ = ["FUNCTIONS", "SUPPORTED_BACKENDS", "check_supported", "loss_scale", *FUNCTIONS]

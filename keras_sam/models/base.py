@@ -28,15 +28,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import keras
 from keras import ops
 
-from keras_sam import backend
+from keras_sam import backend, internals
 from keras_sam import rho as rho_lib
-from keras_sam.backend import xla
 from keras_sam.models.wrapper import ModelWrapper
 from keras_sam.ops import add_perturbation, all_finite, dual_vector
 from keras_sam.validation import check_choice, check_int
@@ -184,7 +183,7 @@ class SharpnessAwareTrainer(ModelWrapper):
 
         There Keras cannot compile the replicated step, so the clean and the
         perturbed passes are compiled with XLA inside an uncompiled step (see
-        `keras_sam.backend.xla`); everywhere else Keras compiles the whole step.
+        `keras_sam.backend.tensorflow.xla`); everywhere else Keras compiles the whole step.
 
         A variant whose step comes in several static kinds (`step_variants`:
         LookSAM's SAM and reuse steps, LayerwiseSAM's cut depths) gets one compiled
@@ -197,9 +196,9 @@ class SharpnessAwareTrainer(ModelWrapper):
         if self.train_function is not None and not force:
             return self.train_function
         inside = self._compiles_inside_step()
-        self._ascent_step = xla.compiled(self.ascent) if inside else self.ascent
+        self._ascent_step = backend.xla_compiled(self.ascent) if inside else self.ascent
         self._perturbed_step = (
-            xla.compiled(self._perturbed_gradients) if inside else self._perturbed_gradients
+            backend.xla_compiled(self._perturbed_gradients) if inside else self._perturbed_gradients
         )
         variants = self.step_variants()
         if variants == [None]:
@@ -207,27 +206,44 @@ class SharpnessAwareTrainer(ModelWrapper):
                 return super().make_train_function(force)
         compiled = {}
         for variant in variants:  # now: Keras reads the variables' shardings here
-            with self._tracing_variant(variant), self._own_train_step(), self._step_jit_off(inside):
-                super().make_train_function(force=True)
-            compiled[variant] = self.train_function
+            with self._step_jit_off(inside):
+                compiled[variant] = self._train_function_of(variant)
         steps_before = [0]
 
         def choose(read: Callable) -> Callable:
             variant = self.choose_step_variant(read)
             steps_before[0] = self._optimizer_steps(read)
-            function = compiled[variant]
-
-            def run(*args: Any) -> Any:
-                with self._tracing_variant(variant):  # read when Keras traces the step
-                    return function(*args)
-
-            return run
+            return compiled[variant]
 
         def after(read: Callable, write: Callable) -> None:
             self.after_train_call(read, write, steps_before[0])
 
         self.train_function = backend.dispatched_train_function(self, choose, after)
         return self.train_function
+
+    def _train_function_of(self, variant: Any) -> Callable:
+        """Keras' train function for one kind of step (`train_step_for`)."""
+        with internals.train_step_replaced(self, self.train_step_for(variant)):
+            super().make_train_function(force=True)
+        return self.train_function
+
+    def train_step_for(self, variant: Any) -> Callable:
+        """Keras' ``train_step`` for one kind of step (`step_variants`), bound to self.
+
+        It is a function of its own that closes over ``variant`` (so `jax.jit` and
+        `tf.function` give every kind its own trace), and runs the skeleton with
+        `step_variant` set to ``variant`` for the step's duration.
+        """
+
+        @backend.stateful_train_step
+        def step(trainer: SharpnessAwareTrainer, data: Any) -> dict:
+            trainer._step_variant = variant
+            try:
+                return trainer._step(data)
+            finally:
+                trainer._step_variant = None
+
+        return functools.partial(step, self)
 
     def step_variants(self) -> list:
         """The static kinds of step, one compiled train function each (default: one)."""
@@ -246,33 +262,18 @@ class SharpnessAwareTrainer(ModelWrapper):
 
     @property
     def step_variant(self) -> Any:
-        """The kind of step being traced (``None`` outside a multi-variant train function)."""
+        """The kind of step running (``None`` outside a multi-variant train function).
+
+        Set by the step itself while it runs (and so while it is traced), never
+        from outside.
+        """
         return getattr(self, "_step_variant", None)
-
-    @contextlib.contextmanager
-    def _tracing_variant(self, variant: Any) -> Iterator[None]:
-        self._step_variant = variant
-        try:
-            yield
-        finally:
-            self._step_variant = None
-
-    @contextlib.contextmanager
-    def _own_train_step(self) -> Iterator[None]:
-        """A distinct ``train_step`` object for Keras to compile: `jax.jit` caches
-        traces by function, and a bound method equals every other one of the same
-        method, so one variant's trace would be reused for all."""
-        self.train_step = functools.partial(type(self).train_step, self)
-        try:
-            yield
-        finally:
-            del self.train_step
 
     def _optimizer_steps(self, read: Callable) -> int:
         """``optimizer.iterations`` (the steps taken, counting accumulated micro-batches
         as one) read through ``read``, for which it must be a variable."""
         optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        count = int(read(optimizer._iterations))
+        count = int(read(internals.iterations_variable(optimizer)))
         accumulation = optimizer.gradient_accumulation_steps
         return count // accumulation if accumulation else count
 
@@ -285,25 +286,20 @@ class SharpnessAwareTrainer(ModelWrapper):
             return super().make_predict_function(force)
 
     def _compiles_inside_step(self) -> bool:
-        strategy = getattr(self, "distribute_strategy", None)  # TensorFlow only
-        return xla.compiles_inside_step(self.jit_compile, strategy)
+        return backend.compiles_inside_step(self.jit_compile, internals.distribute_strategy(self))
 
-    @contextlib.contextmanager
-    def _step_jit_off(self, off: bool) -> Iterator[None]:
-        if not off:
-            yield
-            return
-        self._jit_compile = False
-        try:
-            yield
-        finally:
-            self._jit_compile = True
+    def _step_jit_off(self, off: bool) -> Any:
+        return internals.jit_compile_off(self) if off else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ the step
     # JAX: fit calls train_step(state, data) -> (logs, state); the decorator runs this
     # stateful step in a StatelessScope over the state (identity on TensorFlow).
     @backend.stateful_train_step
     def train_step(self, data: Any) -> dict:
+        return self._step(data)
+
+    def _step(self, data: Any) -> dict:
+        """The skeleton: one step on the batch ``data``, statefully."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         state_before = backend.snapshot(self.non_trainable_variables)
         scale = backend.loss_scale(self.optimizer)  # before `apply` may change it
@@ -402,7 +398,7 @@ class SharpnessAwareTrainer(ModelWrapper):
         if self.perturb == "normalization":
             chosen = {
                 id(v)
-                for layer in self.model._flatten_layers(include_self=True, recursive=True)
+                for layer in internals.all_layers(self.model, include_self=True)
                 if isinstance(layer, NORMALIZATION_LAYERS)
                 for v in layer.trainable_variables
             }
@@ -459,7 +455,9 @@ class SharpnessAwareTrainer(ModelWrapper):
         # Compiled losses are divided by the number of replicas (Keras' own
         # convention); the tracker reports the per-sample mean loss.
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
-        self._loss_tracker.update_state(loss * backend.num_replicas(), sample_weight=batch_size)
+        internals.loss_tracker(self).update_state(
+            loss * backend.num_replicas(), sample_weight=batch_size
+        )
 
     def _apply(self, grads: list, finite: Any) -> None:
         """optimizer.apply, skipping a step whose gradients are not finite.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 
@@ -13,6 +12,7 @@ from keras import ops, tree
 from keras_sam import backend
 from keras_sam import rho as rho_lib
 from keras_sam.models.base import Ascent, SharpnessAwareTrainer
+from keras_sam.validation import check_count_or_fraction
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -79,7 +79,7 @@ class KSAM(SharpnessAwareTrainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, rho=rho, **kwargs)
-        self.k = _validate_k(k)
+        self.k = check_count_or_fraction(k, "k", min_count=1, what="the batch")
 
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
         loss, y_pred, scores = backend.forward_and_sample_scores(self, x, y, sample_weight)
@@ -113,20 +113,3 @@ class KSAM(SharpnessAwareTrainer):
         config = super().get_config()
         config["k"] = self.k
         return config
-
-
-def _validate_k(k: Any) -> float | int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Real):
-        raise TypeError(
-            f"`k` must be a float in (0, 1] (a fraction of the batch) or an int >= 1 "
-            f"(a sample count), got {type(k).__name__}."
-        )
-    if isinstance(k, numbers.Integral):
-        if k < 1:
-            raise ValueError(f"`k` as an int is a sample count and must be >= 1, got {k}.")
-        return int(k)
-    if not math.isfinite(k) or not 0.0 < k <= 1.0:
-        raise ValueError(
-            f"`k` as a float is a fraction of the batch and must be in (0, 1], got {k}."
-        )
-    return float(k)

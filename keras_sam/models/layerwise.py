@@ -10,12 +10,12 @@ from typing import Any
 import keras
 import numpy as np
 from keras import ops
-from keras.src.utils import tracking
 
-from keras_sam import backend
+from keras_sam import backend, internals
 from keras_sam import rho as rho_lib
 from keras_sam.models.base import Ascent, SharpnessAwareTrainer
 from keras_sam.ops import dual_vector, global_norm
+from keras_sam.validation import check_count_or_fraction, check_int, check_real
 
 RADII = ("joint", "per_layer")
 
@@ -161,20 +161,24 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, rho=rho, **kwargs)
-        self.num_layers = _validate_num_layers(num_layers)
-        self.reselect_every = _validate_positive_int(reselect_every, "reselect_every")
-        self.max_cuts = _validate_positive_int(max_cuts, "max_cuts")
+        self.num_layers = check_count_or_fraction(
+            num_layers, "num_layers", min_count=0, what="the candidate layers"
+        )
+        self.reselect_every = check_int(reselect_every, "reselect_every", low=1)
+        self.max_cuts = check_int(max_cuts, "max_cuts", low=1)
         if radius not in RADII:
             raise ValueError(f"`radius` must be one of {RADII}, got {radius!r}.")
         self.radius = radius
-        self.ranking_decay = _validate_decay(ranking_decay)
+        self.ranking_decay = check_real(
+            ranking_decay, "ranking_decay", low=0.0, high=1.0, high_open=True
+        )
         if not model.built:
             raise ValueError(
                 "LayerwiseSAM needs a built `model` to enumerate its layers: give it an "
                 "`Input` or call `model.build(input_shape)` before wrapping it."
             )
         units, self._layers_config = _candidate_units(model, layers)
-        with tracking.DotNotTrackScope():  # the layers stay the model's, in its order
+        with internals.untracked():  # the layers stay the model's, in its order
             self._units = units
         n = len(self._units)
         self.num_chosen = _count(self.num_layers, n)
@@ -344,39 +348,6 @@ def _sync_jax_state(trainer: keras.Model) -> None:
         sync()
 
 
-def _validate_num_layers(value: Any) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            "`num_layers` must be an int >= 0 (a count) or a float in [0, 1] (a fraction "
-            f"of the candidate layers), got {type(value).__name__}."
-        )
-    if isinstance(value, numbers.Integral):
-        if value < 0:
-            raise ValueError(f"`num_layers` as an int must be >= 0, got {value}.")
-        return int(value)
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(
-            f"`num_layers` as a float is a fraction and must be in [0, 1], got {value}."
-        )
-    return float(value)
-
-
-def _validate_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int >= 1, got {type(value).__name__}.")
-    if value < 1:
-        raise ValueError(f"`{name}` must be >= 1, got {value}.")
-    return int(value)
-
-
-def _validate_decay(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`ranking_decay` must be a float, got {type(value).__name__}.")
-    if not math.isfinite(value) or not 0.0 <= value < 1.0:
-        raise ValueError(f"`ranking_decay` must be in [0, 1), got {value!r}.")
-    return float(value)
-
-
 def _count(num_layers: float | int, n: int) -> int:
     if isinstance(num_layers, int):
         return min(num_layers, n)
@@ -390,17 +361,13 @@ def _cut_points(n: int, max_cuts: int) -> list[int]:
 
 
 def _own_trainable_variables(layer: keras.layers.Layer) -> list:
-    nested = {
-        id(v)
-        for sub in layer._flatten_layers(include_self=False, recursive=True)
-        for v in sub.trainable_variables
-    }
+    nested = {id(v) for sub in internals.all_layers(layer) for v in sub.trainable_variables}
     return [v for v in layer.trainable_variables if id(v) not in nested]
 
 
 def _candidate_units(model: keras.Model, layers: LayersLike) -> tuple[list, Any]:
     """(layer, its variables) pairs, sorted input side first; and ``layers`` for the config."""
-    all_layers = list(model._flatten_layers(include_self=False, recursive=True))
+    all_layers = list(internals.all_layers(model))
     order = {id(v): i for i, v in enumerate(model.trainable_variables)}
     default = [(layer, _own_trainable_variables(layer)) for layer in all_layers]
     default = [(layer, vs) for layer, vs in default if vs]

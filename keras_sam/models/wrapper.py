@@ -23,6 +23,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_sam import backend, internals
+
 
 @keras.saving.register_keras_serializable(package="keras_sam")
 class ModelWrapper(keras.Model):
@@ -75,7 +77,7 @@ class ModelWrapper(keras.Model):
 
     def _distributable_logs(self, logs: Any) -> Any:
         """Rank-1 logs under MultiWorkerMirroredStrategy (see the module docstring)."""
-        if not _is_multi_worker(getattr(self, "distribute_strategy", None)):  # TF-only attr
+        if not backend.is_multi_worker(internals.distribute_strategy(self)):
             return logs
         return {key: ops.reshape(value, [-1]) for key, value in logs.items()}
 
@@ -88,15 +90,13 @@ class ModelWrapper(keras.Model):
         MultiWorkerMirroredStrategy it reduces a distributed batch it cannot reduce.
         Both cases build here from one local batch, as Keras does under a strategy.
         """
-        strategy = getattr(self, "_distribute_strategy", None)
-        multi_worker = _is_multi_worker(strategy)
-        unbuilt = (
-            strategy is None
-            and keras.backend.backend() == "tensorflow"
-            and not all(layer.built for layer in self._flatten_layers())
+        strategy = internals.distribute_strategy(self)
+        multi_worker = backend.is_multi_worker(strategy)
+        unbuilt = backend.builds_model_in_first_step(strategy) and not all(
+            layer.built for layer in internals.all_layers(self, include_self=True)
         )
         if not (multi_worker or unbuilt) or (iterator is None and data_batch is None):
-            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+            internals.default_symbolic_build(self, iterator, data_batch)
             return
         if iterator is not None:
             for _, _, batches in iterator:
@@ -107,7 +107,7 @@ class ModelWrapper(keras.Model):
                 lambda value: strategy.experimental_local_results(value)[0], data_batch
             )
         with strategy.scope() if multi_worker else contextlib.nullcontext():
-            self._symbolic_build(data_batch=data_batch)
+            internals.symbolic_build(self, data_batch)
 
     # ------------------------------------------------------------ config
     def get_config(self) -> dict:
@@ -122,14 +122,3 @@ class ModelWrapper(keras.Model):
             config["model"], custom_objects=custom_objects
         )
         return cls(**config)
-
-
-def _is_multi_worker(strategy: Any) -> bool:
-    if strategy is None or keras.backend.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    return (
-        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and strategy.extended._in_multi_worker_mode()
-    )

@@ -7,8 +7,10 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_sam.optimizers.momentum_perturbation import MomentumPerturbationOptimizer, check_real
+from keras_sam import internals
+from keras_sam.optimizers.momentum_perturbation import MomentumPerturbationOptimizer
 from keras_sam.rho import RhoLike
+from keras_sam.validation import check_real
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -87,9 +89,9 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        beta_1 = check_real(beta_1, "beta_1", low=0.0, high=1.0, high_inclusive=False)
-        beta_2 = check_real(beta_2, "beta_2", low=0.0, high=1.0, high_inclusive=False)
-        epsilon = check_real(epsilon, "epsilon", low=0.0, low_inclusive=False)
+        beta_1 = check_real(beta_1, "beta_1", low=0.0, high=1.0, high_open=True)
+        beta_2 = check_real(beta_2, "beta_2", low=0.0, high=1.0, high_open=True)
+        epsilon = check_real(epsilon, "epsilon", low=0.0, low_open=True)
         super().__init__(
             learning_rate=learning_rate,
             rho=rho,
@@ -124,7 +126,7 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
         local_step = ops.cast(self.iterations + 1, dtype)
         beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
         beta_2_power = ops.power(ops.cast(self.beta_2, dtype), local_step)
-        index = self._get_variable_index(variable)
+        index = internals.variable_index(self, variable)
         m = self._momentums[index]
         v = self._velocities[index]
         weights = self._unperturbed(variable, m)
@@ -146,5 +148,5 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
 if AdamWMSAM.__doc__ is not None:  # None under python -OO
     AdamWMSAM.__doc__ = AdamWMSAM.__doc__.replace(
         "{{base_optimizer_keyword_args}}",
-        keras.src.optimizers.optimizer.base_optimizer_keyword_args,
+        internals.base_optimizer_keyword_args(),
     )

@@ -30,8 +30,6 @@ per-variable slots, ``perturbation_scale``, ``is_perturbed``.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -39,9 +37,10 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_sam import backend
-from keras_sam.ops import all_finite
+from keras_sam import backend, internals
+from keras_sam.ops import all_finite, global_norm, safe_ratio
 from keras_sam.rho import RhoLike, deserialize_rho, rho_at, serialize_rho, validate_rho
+from keras_sam.validation import check_real
 
 _MISSING_CALLBACK_WARNING = (
     "{name}: the model variables are kept at the perturbed point w - rho*d/||d|| between "
@@ -51,58 +50,6 @@ _MISSING_CALLBACK_WARNING = (
     "(first in the list). In a custom training loop, wrap evaluation and saving in "
     "`with optimizer.unperturbed(): ...`."
 )
-
-
-def check_real(
-    value: Any,
-    name: str,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-    allow_none: bool = False,
-) -> float | None:
-    """Validates a real hyperparameter at construction time.
-
-    Args:
-        value: the value to check.
-        name: the argument name used in error messages.
-        low: optional lower bound.
-        high: optional upper bound.
-        low_inclusive: whether ``low`` itself is allowed.
-        high_inclusive: whether ``high`` itself is allowed.
-        allow_none: whether ``None`` is accepted (and returned as is).
-
-    Returns:
-        ``value`` as a Python float (or ``None``).
-
-    Raises:
-        TypeError: if ``value`` is not a real number (bools are rejected).
-        ValueError: if ``value`` is NaN, infinite or outside the bounds.
-    """
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__}).")
-    value = float(value)
-    bad = not math.isfinite(value)
-    if low is not None:
-        bad = bad or value < low or (value == low and not low_inclusive)
-    if high is not None:
-        bad = bad or value > high or (value == high and not high_inclusive)
-    if bad:
-        left = "(-inf" if low is None else ("[" if low_inclusive else "(") + repr(low)
-        right = "inf)" if high is None else repr(high) + ("]" if high_inclusive else ")")
-        raise ValueError(f"`{name}` must be a finite number in {left}, {right}, got {value!r}.")
-    return value
-
-
-def _first_local(distribution: Any, value: Any) -> Any:
-    """The first replica's value of a (possibly per-replica) tensor inside a merge call."""
-    if value is None:
-        return None
-    return distribution.experimental_local_results(value)[0]
 
 
 class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
@@ -139,9 +86,9 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
 
     def __init__(self, learning_rate: Any, rho: RhoLike, **kwargs: Any) -> None:
         rho = validate_rho(rho, "rho")
-        weight_decay = check_real(
-            kwargs.pop("weight_decay", None), "weight_decay", low=0.0, allow_none=True
-        )
+        weight_decay = kwargs.pop("weight_decay", None)
+        if weight_decay is not None:
+            weight_decay = check_real(weight_decay, "weight_decay", low=0.0)
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
         self.rho = rho
         self._attached_callbacks = 0
@@ -203,7 +150,7 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
 
     def _maybe_decay(self, weights: Any, variable: Any, learning_rate: Any) -> Any:
         """Decoupled weight decay ``w - lr * wd * w`` applied to the clean weights."""
-        if self.weight_decay is None or not self._use_weight_decay(variable):
+        if self.weight_decay is None or not internals.uses_weight_decay(self, variable):
             return weights
         wd = ops.cast(self.weight_decay, variable.dtype)
         return ops.subtract(weights, ops.multiply(ops.multiply(weights, wd), learning_rate))
@@ -238,54 +185,41 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         update_mask = None
         if self.gradient_accumulation_steps:
             is_update = ops.equal(
-                ops.mod(self._iterations + 1, self.gradient_accumulation_steps), 0
+                ops.mod(internals.iterations_variable(self) + 1, self.gradient_accumulation_steps),
+                0,
             )
             update_mask = ops.cast(is_update, "float32")
         result = super().apply(grads, trainable_variables)
         variables = trainable_variables if trainable_variables is not None else None
         if variables is None:
-            variables = self._trainable_variables
-        with_grad = {self._var_key(v) for g, v in zip(grads, variables) if g is not None}
+            variables = internals.optimizer_variables_order(self)
+        with_grad = {
+            internals.variable_key(self, v) for g, v in zip(grads, variables) if g is not None
+        }
         self._reperturb(rho_t, update_mask, with_grad)
         return result
 
     def _perturbation_triples(self, with_grad: set) -> list:
         return [
-            (variable, direction, self._var_key(variable) in with_grad)
-            for variable, direction in zip(self._trainable_variables, self._direction_slots())
+            (variable, direction, internals.variable_key(self, variable) in with_grad)
+            for variable, direction in zip(
+                internals.optimizer_variables_order(self), self._direction_slots()
+            )
             if direction is not None
         ]
 
     def _reperturb(self, rho_t: Any, update_mask: Any, with_grad: set) -> None:
         triples = self._perturbation_triples(with_grad)
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
 
-            def merge_fn(distribution: Any, rho_t: Any, update_mask: Any) -> None:
-                self._reperturb_cross_replica(
-                    triples,
-                    _first_local(distribution, rho_t),
-                    _first_local(distribution, update_mask),
-                    distribution,
-                )
+        def cross_replica(distribution: Any, rho_t: Any, update_mask: Any) -> None:
+            self._reperturb_cross_replica(triples, rho_t, update_mask, distribution)
 
-            tf.__internal__.distribute.interim.maybe_merge_call(
-                merge_fn, self._distribution_strategy, rho_t, update_mask
-            )
-        else:
-            self._reperturb_cross_replica(triples, rho_t, update_mask, None)
+        backend.cross_replica_call(cross_replica, self._strategy(), rho_t, update_mask)
 
     def _reperturb_cross_replica(
         self, triples: list, rho_t: Any, update_mask: Any, distribution: Any
     ) -> None:
-        norm_sq = ops.zeros((), dtype="float32")
-        for _, direction, _ in triples:
-            norm_sq = ops.add(norm_sq, ops.sum(ops.square(ops.cast(direction, "float32"))))
-        norm = ops.sqrt(norm_sq)
-        positive = ops.greater(norm, 0.0)
-        new_scale = ops.where(
-            positive, ops.divide(rho_t, ops.where(positive, norm, 1.0)), ops.zeros_like(norm)
-        )
+        new_scale = safe_ratio(rho_t, global_norm([direction for _, direction, _ in triples]))
         old_scale = ops.convert_to_tensor(self._perturbation_scale)
         old_flag = ops.convert_to_tensor(self._is_perturbed)
         old_applied = ops.multiply(old_flag, old_scale)
@@ -311,47 +245,30 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ variable writes
     def _shift_weights(self, shifts: list, sign: float, distribution: Any = None) -> None:
-        """``w += sign * c * d`` for every ``(w, d, c)``; per device under tf.distribute."""
+        """``w += sign * c * d`` for every ``(w, d, c)``; every copy under tf.distribute."""
 
-        def shift(var: Any, direction: Any, coeff: Any) -> Any:
+        def shift(variable: Any, direction: Any, coeff: Any) -> None:
             delta = ops.multiply(ops.cast(coeff, "float32"), ops.cast(direction, "float32"))
-            delta = ops.cast(delta, var.dtype)
+            delta = ops.cast(delta, variable.dtype)
             if sign > 0:
-                return var.assign_add(delta)
-            return var.assign_sub(delta)
+                variable.assign_add(delta)
+            else:
+                variable.assign_sub(delta)
 
-        if distribution is not None:
-            for variable, direction, coeff in shifts:
-                distribution.extended.update(
-                    _tf_value(variable),
-                    shift,
-                    args=(_tf_value(direction), coeff),
-                    group=False,
-                )
-        else:
-            for variable, direction, coeff in shifts:
-                delta = ops.multiply(ops.cast(coeff, "float32"), ops.cast(direction, "float32"))
-                delta = ops.cast(delta, variable.dtype)
-                if sign > 0:
-                    self.assign_add(variable, delta)
-                else:
-                    self.assign_sub(variable, delta)
+        for variable, direction, coeff in shifts:
+            backend.update_variable(distribution, variable, shift, direction, coeff)
 
     def _assign_scalars(self, scale: Any, flag: Any, distribution: Any = None) -> None:
-        if distribution is not None:
-            for variable, value in ((self._perturbation_scale, scale), (self._is_perturbed, flag)):
-                distribution.extended.update(
-                    _tf_value(variable), lambda v, x: v.assign(x), args=(value,), group=False
-                )
-        else:
-            self.assign(self._perturbation_scale, scale)
-            self.assign(self._is_perturbed, flag)
+        for variable, value in ((self._perturbation_scale, scale), (self._is_perturbed, flag)):
+            backend.update_variable(distribution, variable, lambda v, x: v.assign(x), value)
 
     # ------------------------------------------------------------------ eager helpers
-    def _eager_distribution(self) -> Any:
-        if keras.backend.backend() == "tensorflow":
-            return self._distribution_strategy
-        return None
+    def _strategy(self) -> Any:
+        """The TensorFlow strategy the optimizer was built under (None elsewhere);
+        eagerly, outside a step, this is the cross-replica context of its updates."""
+        if keras.backend.backend() != "tensorflow":
+            return None
+        return internals.optimizer_strategy(self)
 
     def remove_perturbation(self) -> bool:
         """Moves the model variables to the clean weights ``w = w~ + s*d`` (eager).
@@ -365,7 +282,7 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
             return False
         scale = ops.convert_to_tensor(self._perturbation_scale)
         shifts = [(v, d, scale) for v, d, _ in self._perturbation_triples(set())]
-        distribution = self._eager_distribution()
+        distribution = self._strategy()
         self._shift_weights(shifts, sign=1.0, distribution=distribution)
         self._assign_scalars(scale, ops.zeros((), "float32"), distribution)
         return True
@@ -383,7 +300,7 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
             return False
         scale = ops.convert_to_tensor(self._perturbation_scale)
         shifts = [(v, d, scale) for v, d, _ in self._perturbation_triples(set())]
-        distribution = self._eager_distribution()
+        distribution = self._strategy()
         self._shift_weights(shifts, sign=-1.0, distribution=distribution)
         self._assign_scalars(scale, ops.ones((), "float32"), distribution)
         return True
@@ -413,10 +330,12 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         super().finalize_variable_values(var_list)
 
     # ------------------------------------------------------------------ callback bookkeeping
-    def _attach_callback(self) -> None:
+    def attach_callback(self) -> None:
+        """Called by `MSAMCallback` when `fit` begins (silences the missing-callback warning)."""
         self._attached_callbacks += 1
 
-    def _detach_callback(self) -> None:
+    def detach_callback(self) -> None:
+        """Called by `MSAMCallback` when `fit` ends."""
         self._attached_callbacks = max(0, self._attached_callbacks - 1)
 
     def _maybe_warn_missing_callback(self) -> None:

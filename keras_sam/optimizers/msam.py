@@ -7,8 +7,10 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_sam.optimizers.momentum_perturbation import MomentumPerturbationOptimizer, check_real
+from keras_sam import internals
+from keras_sam.optimizers.momentum_perturbation import MomentumPerturbationOptimizer
 from keras_sam.rho import RhoLike
+from keras_sam.validation import check_real
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -103,7 +105,7 @@ class MSAM(MomentumPerturbationOptimizer):
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        momentum = check_real(momentum, "momentum", low=0.0, high=1.0, high_inclusive=False)
+        momentum = check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
         if not isinstance(nesterov, bool):
             raise TypeError(f"`nesterov` must be a bool, got {nesterov!r}.")
         if nesterov:
@@ -139,7 +141,7 @@ class MSAM(MomentumPerturbationOptimizer):
         """Clean weights, decoupled decay, momentum and SGD step for one variable."""
         lr = ops.cast(learning_rate, variable.dtype)
         gradient = ops.cast(ops.convert_to_tensor(gradient), variable.dtype)
-        v = self.momentums[self._get_variable_index(variable)]
+        v = self.momentums[internals.variable_index(self, variable)]
         weights = self._unperturbed(variable, v)
         weights = self._maybe_decay(weights, variable, lr)
         new_v = ops.add(ops.multiply(v, ops.cast(self.momentum, variable.dtype)), gradient)
@@ -155,5 +157,5 @@ class MSAM(MomentumPerturbationOptimizer):
 if MSAM.__doc__ is not None:  # None under python -OO
     MSAM.__doc__ = MSAM.__doc__.replace(
         "{{base_optimizer_keyword_args}}",
-        keras.src.optimizers.optimizer.base_optimizer_keyword_args,
+        internals.base_optimizer_keyword_args(),
     )

@@ -4,7 +4,7 @@ Runs in the JAX subprocess of tests/test_jax_backend.py, where conftest.py sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=2``.
 
 ``perturbation_scope="global"`` is the SPMD step (one device on the global batch);
-``"replica"`` runs one step per device (`keras_sam.backend.jax_replicas`) and is
+``"replica"`` runs one step per device (`keras_sam.backend.jax.replicas`) and is
 checked against a numpy reference of per-device SAM and K-SAM, the base optimizer
 at ρ = 0, hand-computed BatchNorm statistics and logs, and a shard with a NaN.
 """

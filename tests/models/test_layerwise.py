@@ -164,9 +164,9 @@ class _Scaled(keras.layers.Dense):
 class CountingLayerwiseSAM(LayerwiseSAM):
     traces = 0
 
-    def train_step(self, *args):  # (data) on TensorFlow, (state, data) on JAX
+    def _step(self, data):
         type(self).traces += 1  # Python side effect: runs once per trace
-        return super().train_step(*args)
+        return super()._step(data)
 
 
 def _scaled_middle_model():
@@ -236,8 +236,9 @@ def _deep_mlp():
     return keras.Model(inputs, keras.layers.Dense(2, name="head")(h))
 
 
-def _matmuls_in_compiled_step(trainer, x, y):
+def _matmuls_in_compiled_step(trainer, x, y, train_step=None):
     """Matrix products in the optimized XLA program of one train step."""
+    train_step = train_step or trainer.train_step
     if keras.backend.backend() == "jax":
         import jax
 
@@ -247,11 +248,11 @@ def _matmuls_in_compiled_step(trainer, x, y):
             [v.value for v in trainer.optimizer.variables],
             [v.value for v in trainer.metrics_variables],
         )
-        text = jax.jit(trainer.train_step).lower(state, (x, y)).compile().as_text()
+        text = jax.jit(train_step).lower(state, (x, y)).compile().as_text()
     else:
         import tensorflow as tf
 
-        step = tf.function(trainer.train_step, jit_compile=True)
+        step = tf.function(train_step, jit_compile=True)
         text = step.experimental_get_compiler_ir((x, y))(stage="optimized_hlo")
     return sum(line.count(" dot(") for line in text.splitlines())
 
@@ -274,9 +275,10 @@ def test_compiled_step_truncates_the_ascent_and_reuses_activations():
     assert _matmuls_in_compiled_step(sam, x, y) == 28
     assert trainer.selected_layers == ["head"]
     selection = keras.ops.convert_to_numpy(trainer._selection.value)
-    with trainer._tracing_variant(trainer._cut_below(selection)):
-        assert trainer.step_variant == 4
-        assert _matmuls_in_compiled_step(trainer, x, y) == 14 + 2
+    cut = trainer._cut_below(selection)
+    assert cut == 4
+    assert _matmuls_in_compiled_step(trainer, x, y, trainer.train_step_for(cut)) == 14 + 2
+    assert trainer.step_variant is None  # set only while a step runs
 
 
 # ---------------------------------------------------------------- state and saving

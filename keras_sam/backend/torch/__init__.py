@@ -1,8 +1,10 @@
-"""Placeholders for Keras backends keras_sam's train-step wrappers do not support (PyTorch).
+"""The PyTorch backend (and any other Keras backend): the optimizers only, for now.
 
-`import keras_sam` works on every backend; the wrappers refuse to be constructed
-(`keras_sam.backend.check_supported`). The Momentum-SAM optimizers need only
-`apply_if_finite`, which works eagerly here.
+`import keras_sam` works on every backend, and so do the Momentum-SAM
+optimizers, which need only `apply_if_finite` and the single-copy variable
+updates of `keras_sam.backend.common`. The train-step wrappers refuse to be
+constructed here (`keras_sam.backend.check_supported`); the functions they would
+call raise the same error.
 """
 
 from __future__ import annotations
@@ -10,6 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from keras import ops
+
+from keras_sam.backend.common import (
+    builds_model_in_first_step,
+    compiles_inside_step,
+    cross_replica_call,
+    is_multi_worker,
+    loss_scale,
+    update_variable,
+    xla_compiled,
+)
 
 
 def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Any) -> None:
@@ -31,6 +43,16 @@ def _unsupported(*args: Any, **kwargs: Any) -> Any:
 
 all_reduce_sum = apply_gradients = forward_and_gradients = _unsupported
 dispatched_train_function = forward_and_sample_scores = _unsupported
-loss_scale = num_replicas = snapshot = stateless_gradients = _unsupported
+num_replicas = snapshot = stateless_gradients = _unsupported
 forward_gradients_and_sample_scores = stateless_sample_scores = stateless_uniform = _unsupported
 function = gradient = hessian_vector_product = _unsupported
+
+__all__ = [  # the shared pieces of the interface, re-exported
+    "builds_model_in_first_step",
+    "compiles_inside_step",
+    "cross_replica_call",
+    "is_multi_worker",
+    "loss_scale",
+    "update_variable",
+    "xla_compiled",
+]

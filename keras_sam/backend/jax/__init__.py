@@ -32,7 +32,7 @@ Distribution (`keras.distribution.DataParallel`):
   LayerwiseSAM ranks layers by the global-batch gradient).
 * ``perturbation_scope="replica"`` (default) on more than one device:
   `stateful_train_step` runs the step once per device inside `jax.shard_map`
-  (`keras_sam.backend.jax_replicas`). Each device computes its own ascent
+  (`keras_sam.backend.jax.replicas`). Each device computes its own ascent
   gradient, ε and perturbed gradient on its shard of the batch (m-sharpness with
   m = the per-device batch, as each replica does under
   `tf.distribute.MirroredStrategy`; K-SAM ranks the samples of the device's
@@ -42,7 +42,7 @@ Distribution (`keras.distribution.DataParallel`):
   the optimizer steps with the gradients summed over the devices (the
   global-batch gradient when ρ = 0), so every device takes the same step or
   skips it. BatchNorm statistics are averaged over the devices, metrics summed,
-  and the logs are the global batch's; see `keras_sam.backend.jax_replicas`.
+  and the logs are the global batch's; see `keras_sam.backend.jax.replicas`.
   Other distributions (`ModelParallel`) keep the global semantics and warn.
 
 Cost notes: `apply_if_finite` computes the optimizer update and
@@ -60,12 +60,30 @@ import jax
 import keras
 from keras import ops, tree
 
-from keras_sam.backend import jax_replicas
+from keras_sam import internals
+from keras_sam.backend import common
+from keras_sam.backend.common import (
+    builds_model_in_first_step,
+    compiles_inside_step,
+    cross_replica_call,
+    is_multi_worker,
+    loss_scale,
+    update_variable,
+    xla_compiled,
+)
+from keras_sam.backend.interface import Reader, Tensor, Writer
+from keras_sam.backend.jax import replicas as jax_replicas
 from keras_sam.ops import multiply_sample_weight
 
-Tensor = Any
-Reader = Callable[[Any], Any]
-Writer = Callable[[Any, Any], None]
+__all__ = [  # the shared pieces of the interface, re-exported
+    "builds_model_in_first_step",
+    "compiles_inside_step",
+    "cross_replica_call",
+    "is_multi_worker",
+    "loss_scale",
+    "update_variable",
+    "xla_compiled",
+]
 
 
 # --------------------------------------------------------------------------- the step
@@ -180,11 +198,6 @@ def all_reduce_sum(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
     return jax_replicas.psum(tensors)
 
 
-def loss_scale(optimizer: Any) -> Tensor:
-    """The factor `optimizer.scale_loss` multiplies a loss by (1 without scaling)."""
-    return ops.cast(optimizer.scale_loss(ops.convert_to_tensor(1.0)), "float32")
-
-
 class _OverlayScope(keras.StatelessScope):
     """A `StatelessScope` that reads through to the enclosing scope (or the variables).
 
@@ -214,7 +227,7 @@ class _OverlayScope(keras.StatelessScope):
             value = self._outer.get_current_value(variable)
             if value is not None:
                 return value
-        return variable._value
+        return internals.raw_value(variable)
 
     def outer_value(self, variable: Any) -> Any:
         """The variable's value outside this scope."""
@@ -222,7 +235,7 @@ class _OverlayScope(keras.StatelessScope):
             value = self._outer.get_current_value(variable)
             if value is not None:
                 return value
-        return variable._value
+        return internals.raw_value(variable)
 
 
 def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
@@ -254,14 +267,14 @@ def apply_gradients(optimizer: Any, grads: list, variables: Sequence[Any]) -> No
     if not optimizer.built:
         optimizer.build(variables)
     position = {id(v): i for i, v in enumerate(variables)}  # in the optimizer's order
-    grads = [grads[position[id(v)]] for v in optimizer._trainable_variables]
+    grads = [grads[position[id(v)]] for v in internals.optimizer_variables_order(optimizer)]
     with jax_replicas.reduced_update(grads, None) as (grads, _):
         optimizer_values = [v.value for v in optimizer.variables]
-        trainable_values = [v.value for v in optimizer._trainable_variables]
+        trainable_values = [v.value for v in internals.optimizer_variables_order(optimizer)]
         new_trainable, new_optimizer = optimizer.stateless_apply(
             optimizer_values, grads, trainable_values
         )
-        for variable, value in zip(optimizer._trainable_variables, new_trainable):
+        for variable, value in zip(internals.optimizer_variables_order(optimizer), new_trainable):
             variable.assign(value)
         for variable, value in zip(optimizer.variables, new_optimizer):
             variable.assign(value)
@@ -277,29 +290,11 @@ def _pure_loss(
     y: Any,
     sample_weight: Any,
 ) -> tuple[Tensor, Any, list, list]:
-    """Training-mode forward and compiled loss at the given values; writes nothing.
-
-    Returns ``(loss, y_pred, new_non_trainable_values, new_metrics_values)``; in a
-    per-device step the loss is divided by the number of devices, as Keras divides
-    compiled losses under `tf.distribute`.
-    """
-    y_pred, non_trainable_values, losses = trainer.stateless_call(
-        trainable_values, non_trainable_values, x, training=True, return_losses=True
+    """`common.stateless_loss`; in a per-device step the loss is divided by the
+    number of devices, as Keras divides compiled losses under `tf.distribute`."""
+    loss, y_pred, non_trainable_values, metrics_values = common.stateless_loss(
+        trainer, trainable_values, non_trainable_values, metrics_values, x, y, sample_weight
     )
-    trainer._losses_override = list(losses)
-    try:
-        loss, (_, non_trainable_values, metrics_values) = trainer.stateless_compute_loss(
-            trainable_values,
-            non_trainable_values,
-            metrics_values,
-            x=x,
-            y=y,
-            y_pred=y_pred,
-            sample_weight=sample_weight,
-            training=True,
-        )
-    finally:
-        trainer._losses_override = []
     return jax_replicas.scale_loss(loss), y_pred, non_trainable_values, metrics_values
 
 

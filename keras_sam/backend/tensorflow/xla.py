@@ -13,27 +13,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import keras
+import tensorflow as tf
 
 
 def compiles_inside_step(jit_compile: Any, strategy: Any) -> bool:
     """True when ``jit_compile=True`` meets a multi-replica, non-TPU TF strategy."""
-    if jit_compile is not True or strategy is None or keras.backend.backend() != "tensorflow":
+    if jit_compile is not True or strategy is None:
         return False
-    import tensorflow as tf
-
     return strategy.num_replicas_in_sync > 1 and not isinstance(strategy, tf.distribute.TPUStrategy)
 
 
-def compiled(function: Callable) -> Callable:
+def xla_compiled(function: Callable) -> Callable:
     """``function`` XLA-compiled, with one `tf.function` per replica.
 
     Each replica's trace captures that replica's own variable copies; a single
     `tf.function` shared by the replica threads would reuse one replica's trace
     (and its variables) on the other device.
     """
-    import tensorflow as tf
-
     per_replica: dict[Any, Callable] = {}
 
     def call(*args: Any) -> Any:

@@ -58,6 +58,8 @@ import jax.numpy as jnp
 import keras
 from jax.sharding import PartitionSpec
 
+from keras_sam import internals
+
 Tensor = Any
 
 #: Added (times the device index) to the seed of every seed generator's state, so
@@ -307,8 +309,8 @@ def _seed_state_ids(trainer: Any) -> set[int]:
     """ids of the state variables of every seed generator of ``trainer``'s layers."""
     return {
         id(generator.state)
-        for layer in trainer._flatten_layers(include_self=True, recursive=True)
-        for generator in getattr(layer, "_seed_generators", ())
+        for layer in internals.all_layers(trainer, include_self=True)
+        for generator in internals.layer_seed_generators(layer)
     }
 
 

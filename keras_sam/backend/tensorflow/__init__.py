@@ -19,14 +19,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import keras
 import tensorflow as tf
 from keras import ops, tree
 
+from keras_sam import internals
+from keras_sam.backend import common
+from keras_sam.backend.common import loss_scale
+from keras_sam.backend.interface import Reader, Tensor, Writer
+from keras_sam.backend.tensorflow.xla import compiles_inside_step, xla_compiled
 from keras_sam.ops import multiply_sample_weight
 
-Tensor = Any
-Reader = Callable[[Any], Any]
-Writer = Callable[[Any, Any], None]
+__all__ = ["compiles_inside_step", "loss_scale", "xla_compiled"]  # re-exported
 
 
 def snapshot(variables: Sequence[Any]) -> list[Tensor]:
@@ -62,7 +66,7 @@ def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) 
     if (
         context is None
         or context.num_replicas_in_sync == 1
-        or tf.__internal__.distribute.strategy_supports_no_merge_call()
+        or internals.strategy_supports_no_merge_call()
     ):
         ops.cond(finite, lambda: apply_fn(grads, variables), lambda: None)
         return
@@ -82,6 +86,55 @@ def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) 
 def apply_gradients(optimizer: Any, grads: list, variables: Sequence[Any]) -> None:
     """``optimizer.apply(grads, variables)`` (it all-reduces under `tf.distribute`)."""
     optimizer.apply(grads, variables)
+
+
+def cross_replica_call(fn: Callable, strategy: Any, *args: Any) -> Any:
+    """``fn(distribution, *args)`` once for all replicas (a merge call where the
+    strategy needs one), each ``arg`` read on the first replica; ``distribution``
+    is None without a strategy."""
+    if strategy is None:
+        return fn(None, *args)
+
+    def merged(distribution: Any, *values: Any) -> Any:
+        return fn(distribution, *[_first_local(distribution, value) for value in values])
+
+    return internals.merge_call(merged, strategy, *args)
+
+
+def update_variable(distribution: Any, variable: Any, fn: Callable, *args: Any) -> None:
+    """``fn(variable, *args)`` on every copy of ``variable`` (cross-replica context);
+    Keras variables among ``args`` are passed as their per-device values."""
+    if distribution is None:
+        fn(variable, *args)
+        return
+    distribution.extended.update(
+        _tf_value(variable), fn, args=tuple(_tf_value(a) for a in args), group=False
+    )
+
+
+def is_multi_worker(strategy: Any) -> bool:
+    """Whether ``strategy`` is a MultiWorkerMirroredStrategy over several workers."""
+    return isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and internals.in_multi_worker_mode(strategy)
+
+
+def builds_model_in_first_step(strategy: Any) -> bool:
+    """True without a strategy: Keras' TensorFlow trainer then builds an unbuilt
+    model while tracing the first step (under a strategy it builds one before)."""
+    return strategy is None
+
+
+def _tf_value(value: Any) -> Any:
+    """The `tf.Variable` behind a ``keras.Variable``; anything else unchanged."""
+    return value.value if isinstance(value, keras.Variable) else value
+
+
+def _first_local(distribution: Any, value: Any) -> Any:
+    """The first replica's component of a per-replica value (the value itself else)."""
+    if distribution is None or value is None:
+        return value
+    return distribution.experimental_local_results(value)[0]
 
 
 def stateful_train_step(step: Any) -> Any:
@@ -113,11 +166,6 @@ def dispatched_train_function(
         return logs
 
     return train_function
-
-
-def loss_scale(optimizer: Any) -> Tensor:
-    """The factor `optimizer.scale_loss` multiplies a loss by (1 without scaling)."""
-    return ops.cast(optimizer.scale_loss(tf.constant(1.0)), "float32")
 
 
 def forward_and_gradients(
@@ -233,23 +281,9 @@ def _stateless_loss(
 ) -> Tensor:
     """The compiled loss of a training-mode forward at the given values; writes nothing."""
     metrics_values = [v.value for v in trainer.metrics_variables]
-    y_pred, _, losses = trainer.stateless_call(
-        trainable_values, non_trainable_values, x, training=True, return_losses=True
+    loss, _, _, _ = common.stateless_loss(
+        trainer, trainable_values, non_trainable_values, metrics_values, x, y, sample_weight
     )
-    trainer._losses_override = list(losses)
-    try:
-        loss, _ = trainer.stateless_compute_loss(
-            trainable_values,
-            non_trainable_values,
-            metrics_values,
-            x=x,
-            y=y,
-            y_pred=y_pred,
-            sample_weight=sample_weight,
-            training=True,
-        )
-    finally:
-        trainer._losses_override = []
     return loss
 
 

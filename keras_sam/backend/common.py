@@ -1,0 +1,83 @@
+"""Backend helpers that are the same on every backend (written once, in `keras.ops`).
+
+The backend packages import what they need from here; the functions that a
+backend without replicas or graph tracing implements trivially (JAX's SPMD
+programs and PyTorch's eager steps alike) are defined here once as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from keras import ops
+
+from keras_sam import internals
+from keras_sam.backend.interface import Tensor
+
+
+def loss_scale(optimizer: Any) -> Tensor:
+    """The factor `optimizer.scale_loss` multiplies a loss by (1 without scaling)."""
+    return ops.cast(optimizer.scale_loss(ops.convert_to_tensor(1.0)), "float32")
+
+
+def stateless_loss(
+    trainer: Any,
+    trainable_values: list,
+    non_trainable_values: list,
+    metrics_values: list,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+) -> tuple[Tensor, Any, list, list]:
+    """Training-mode forward and compiled loss at the given values; writes nothing.
+
+    Returns ``(loss, y_pred, new_non_trainable_values, new_metrics_values)``; the
+    model's ``add_loss`` terms of this forward are part of the loss.
+    """
+    y_pred, non_trainable_values, losses = trainer.stateless_call(
+        trainable_values, non_trainable_values, x, training=True, return_losses=True
+    )
+    with internals.losses_override(trainer, losses):
+        loss, (_, non_trainable_values, metrics_values) = trainer.stateless_compute_loss(
+            trainable_values,
+            non_trainable_values,
+            metrics_values,
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            training=True,
+        )
+    return loss, y_pred, non_trainable_values, metrics_values
+
+
+# ------------------------------------------------------- backends without replicas
+def compiles_inside_step(jit_compile: Any, strategy: Any) -> bool:
+    """False: ``jit_compile`` compiles the whole step."""
+    return False
+
+
+def xla_compiled(function: Callable) -> Callable:
+    """``function`` itself (never called: `compiles_inside_step` is False)."""
+    return function
+
+
+def cross_replica_call(fn: Callable, strategy: Any, *args: Any) -> Any:
+    """``fn(None, *args)``: there is a single copy of every variable."""
+    return fn(None, *args)
+
+
+def update_variable(distribution: Any, variable: Any, fn: Callable, *args: Any) -> None:
+    """``fn(variable, *args)``."""
+    fn(variable, *args)
+
+
+def is_multi_worker(strategy: Any) -> bool:
+    """False: no `tf.distribute` strategy exists."""
+    return False
+
+
+def builds_model_in_first_step(strategy: Any) -> bool:
+    """False: Keras builds an unbuilt model before the first step."""
+    return False

@@ -1,0 +1,143 @@
+"""The interface every backend package implements: `Backend`.
+
+keras_sam's methods are written once, with `keras.ops`, against these
+functions; ``keras_sam/backend/<name>/`` implements them for one Keras backend
+(``tensorflow``, ``jax``; ``torch`` holds the placeholders of a backend whose
+train-step wrappers are not supported yet). Helpers that are the same on every
+backend live in `keras_sam.backend.common` and are not part of this interface.
+`tests/test_backend_interface.py` checks that every backend package defines
+every function below with the same parameters.
+
+Two kinds of pass exist. The **clean pass** runs the model at the current
+weights in training mode and updates its state (BatchNorm statistics, dropout
+RNG, per-output loss metrics) exactly once per step, as a plain Keras step does.
+A **stateless pass** evaluates the model at given variable values and writes
+nothing back. Losses are multiplied by the optimizer's loss scale before
+differentiation; gradients come back scaled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+#: A backend tensor (`tf.Tensor`, `jax.Array`, `torch.Tensor`).
+Tensor = Any
+#: ``read(variable)``: a variable's current value as numpy, on the host.
+Reader = Callable[[Any], Any]
+#: ``write(variable, value)``: assigns a variable on the host.
+Writer = Callable[[Any, Any], None]
+
+
+class Backend(Protocol):
+    """The functions a backend package defines at module level."""
+
+    # ------------------------------------------------------------------ the step
+    def stateful_train_step(self, step: Callable[[Any, Any], dict]) -> Callable[..., Any]:
+        """Turns a stateful ``step(trainer, data) -> logs`` into the backend's
+        ``train_step`` (identity where the trainer is stateful)."""
+
+    def dispatched_train_function(
+        self,
+        trainer: Any,
+        choose: Callable[[Reader], Callable],
+        after: Callable[[Reader, Writer], None],
+    ) -> Callable:
+        """A train function that runs ``choose(read)`` (one of several train
+        functions made by Keras) per call, then ``after(read, write)``."""
+
+    def compiles_inside_step(self, jit_compile: Any, strategy: Any) -> bool:
+        """Whether ``jit_compile=True`` must compile the passes inside an uncompiled
+        step (TensorFlow's multi-device MirroredStrategy) instead of the whole step."""
+
+    def xla_compiled(self, function: Callable) -> Callable:
+        """``function`` compiled with XLA on its own, for `compiles_inside_step`."""
+
+    def snapshot(self, variables: Sequence[Any]) -> list[Tensor]:
+        """The current values of ``variables``, read now (before later assignments)."""
+
+    def num_replicas(self) -> int:
+        """Replicas whose gradients the optimizer sums (1 without distribution)."""
+
+    def all_reduce_sum(self, tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Sums per-replica tensors across replicas (identity on one replica)."""
+
+    def apply_if_finite(self, apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
+        """``apply_fn(grads, variables)`` only where ``finite`` holds on every replica."""
+
+    def apply_gradients(self, optimizer: Any, grads: list, variables: Sequence[Any]) -> None:
+        """``optimizer.apply(grads, variables)`` inside a train step."""
+
+    # ------------------------------------------------------------------ passes
+    def forward_and_gradients(
+        self, trainer: Any, x: Any, y: Any, sample_weight: Any, wrt: Sequence[Any]
+    ) -> tuple[Tensor, Any, list[Tensor | None]]:
+        """Clean pass: loss, predictions and gradients of the scaled loss w.r.t. ``wrt``."""
+
+    def forward_and_sample_scores(
+        self, trainer: Any, x: Any, y: Any, sample_weight: Any
+    ) -> tuple[Tensor, Any, Tensor]:
+        """Clean pass without weight gradients: loss, predictions, per-sample scores
+        (each sample's share of the loss, ``add_loss`` terms included)."""
+
+    def forward_gradients_and_sample_scores(
+        self, trainer: Any, x: Any, y: Any, sample_weight: Any, wrt: Sequence[Any]
+    ) -> tuple[Tensor, Any, list[Tensor | None], Tensor]:
+        """`forward_and_gradients` and the per-sample scores, from the same pass."""
+
+    def stateless_gradients(
+        self,
+        trainer: Any,
+        trainable_values: Sequence[Tensor],
+        non_trainable_values: Sequence[Tensor],
+        x: Any,
+        y: Any,
+        sample_weight: Any,
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """Stateless pass: loss and gradients w.r.t. every trainable variable."""
+
+    def stateless_sample_scores(
+        self,
+        trainer: Any,
+        trainable_values: Sequence[Tensor],
+        non_trainable_values: Sequence[Tensor],
+        x: Any,
+        y: Any,
+        sample_weight: Any,
+    ) -> Tensor:
+        """Stateless pass: the per-sample scores at the given values."""
+
+    def stateless_uniform(self, shape: Sequence[int], seed: Tensor) -> Tensor:
+        """Uniform [0, 1) float32 numbers, a pure function of ``seed`` (two int32)."""
+
+    # ------------------------------------------------------------------ tf.distribute-style updates
+    def cross_replica_call(self, fn: Callable, strategy: Any, *args: Any) -> Any:
+        """``fn(distribution, *args)`` once for all replicas, each ``arg`` read on the
+        first replica; ``distribution`` is None without a strategy."""
+
+    def update_variable(self, distribution: Any, variable: Any, fn: Callable, *args: Any) -> None:
+        """``fn(variable, *args)`` on every copy of ``variable`` (cross-replica context)."""
+
+    def is_multi_worker(self, strategy: Any) -> bool:
+        """Whether ``strategy`` spans several workers (`MultiWorkerMirroredStrategy`)."""
+
+    def builds_model_in_first_step(self, strategy: Any) -> bool:
+        """Whether Keras builds an unbuilt model only while tracing the first step."""
+
+    # ------------------------------------------------------------------ sharpness
+    def function(self, fn: Callable) -> Callable:
+        """``fn`` compiled (shape-polymorphic where the backend retraces)."""
+
+    def gradient(self, fn: Callable[[list], Tensor], values: Sequence[Tensor]) -> list[Tensor]:
+        """∇fn(values) for a scalar ``fn`` of a list of tensors (zeros where unconnected)."""
+
+    def hessian_vector_product(
+        self, fn: Callable[[list], Tensor], values: Sequence[Tensor], vectors: Sequence[Tensor]
+    ) -> list[Tensor]:
+        """H·v for the Hessian H of a scalar ``fn`` at ``values``."""
+
+
+#: The names every backend package defines.
+FUNCTIONS = tuple(
+    name for name, value in vars(Backend).items() if callable(value) and not name.startswith("_")
+)

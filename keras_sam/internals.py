@@ -1,0 +1,294 @@
+"""Every Keras and TensorFlow internal keras_sam relies on, and nothing else.
+
+keras_sam is written against Keras' public API. Where Keras offers no public way
+to do something the package needs, the private attribute or module is reached
+here, and only here (ruff's private-member rule, SLF001, enforces this for the
+rest of the package). `check` verifies that each of them still exists, so an
+upgrade of Keras that renames one fails a test with the installed version named,
+instead of changing what keras_sam does without a word.
+
+Each function says what it reaches and why no public API does the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import keras
+
+
+# --------------------------------------------------------------------------- models
+def all_layers(model: keras.Model, include_self: bool = False) -> list:
+    """Every layer nested in ``model``, depth first (``Layer._flatten_layers``).
+
+    ``model.layers`` lists only the top level of a subclassed or nested model.
+    """
+    return list(model._flatten_layers(include_self=include_self, recursive=True))
+
+
+def layer_seed_generators(layer: keras.layers.Layer) -> list:
+    """The `keras.random.SeedGenerator`s a layer owns (``Layer._seed_generators``)."""
+    return list(getattr(layer, "_seed_generators", ()))
+
+
+def untracked() -> Any:
+    """A scope in which a layer attribute assignment tracks nothing
+    (``keras.src.utils.tracking.DotNotTrackScope``): a wrapper keeps references to
+    its model's layers without adopting them."""
+    from keras.src.utils import tracking
+
+    return tracking.DotNotTrackScope()
+
+
+def symbolic_build(model: keras.Model, data_batch: Any) -> None:
+    """Builds ``model`` and its compiled metrics from one batch (``Trainer._symbolic_build``)."""
+    model._symbolic_build(data_batch=data_batch)
+
+
+def default_symbolic_build(model: keras.Model, iterator: Any, data_batch: Any) -> None:
+    """Keras' own build-before-the-first-step (``Trainer._maybe_symbolic_build``, of
+    the TensorFlow trainer), which a wrapper extends by overriding the method of the
+    same name."""
+    keras.Model._maybe_symbolic_build(model, iterator=iterator, data_batch=data_batch)
+
+
+@contextlib.contextmanager
+def jit_compile_off(model: keras.Model) -> Iterator[None]:
+    """``model.jit_compile`` is False inside (``Trainer._jit_compile``): the public
+    setter refuses to change it on some backends once compiled."""
+    before = model._jit_compile
+    model._jit_compile = False
+    try:
+        yield
+    finally:
+        model._jit_compile = before
+
+
+def loss_tracker(model: keras.Model) -> Any:
+    """The ``loss`` metric `fit` reports (``Trainer._loss_tracker``); a step that
+    computes its loss without ``compute_loss`` updates it itself."""
+    return model._loss_tracker
+
+
+@contextlib.contextmanager
+def losses_override(model: keras.Model, losses: list) -> Iterator[None]:
+    """``model.losses`` reads ``losses`` inside (``Layer._losses_override``): the
+    `add_loss` terms of a stateless call, for ``compute_loss`` to add."""
+    model._losses_override = list(losses)
+    try:
+        yield
+    finally:
+        model._losses_override = []
+
+
+def distribute_strategy(model: Any) -> Any:
+    """The TensorFlow strategy ``model`` was created under, or None
+    (``Trainer._distribute_strategy``; the public property returns the default
+    strategy instead of None)."""
+    return getattr(model, "_distribute_strategy", None)
+
+
+@contextlib.contextmanager
+def train_step_replaced(model: keras.Model, step: Callable) -> Iterator[None]:
+    """``model.train_step`` is ``step`` inside.
+
+    Keras (since 3.7) reads ``train_step`` once, when `make_train_function` makes
+    the train function, so a function made inside this scope runs ``step`` for
+    good, and nothing of the replacement is left on the model afterwards.
+    """
+    model.train_step = step
+    try:
+        yield
+    finally:
+        del model.train_step
+
+
+# --------------------------------------------------------------------------- variables
+def raw_value(variable: keras.Variable) -> Any:
+    """The value a variable holds outside any `StatelessScope` (``Variable._value``)."""
+    return variable._value
+
+
+# --------------------------------------------------------------------------- optimizers
+def iterations_variable(optimizer: keras.optimizers.Optimizer) -> keras.Variable:
+    """The step counter variable, counting micro-batches under gradient accumulation
+    (``optimizer._iterations``; the public ``iterations`` divides it)."""
+    return optimizer._iterations
+
+
+def optimizer_variables_order(optimizer: keras.optimizers.Optimizer) -> list:
+    """The trainable variables the optimizer was built for, in its slot order
+    (``optimizer._trainable_variables``)."""
+    return list(optimizer._trainable_variables)
+
+
+def variable_index(optimizer: keras.optimizers.Optimizer, variable: Any) -> int:
+    """The position of ``variable`` in the optimizer's slots (``_get_variable_index``)."""
+    return optimizer._get_variable_index(variable)
+
+
+def variable_key(optimizer: keras.optimizers.Optimizer, variable: Any) -> Any:
+    """The optimizer's identity key of ``variable`` (``_var_key``)."""
+    return optimizer._var_key(variable)
+
+
+def uses_weight_decay(optimizer: keras.optimizers.Optimizer, variable: Any) -> bool:
+    """Whether ``exclude_from_weight_decay`` lets ``variable`` decay (``_use_weight_decay``)."""
+    return optimizer._use_weight_decay(variable)
+
+
+def optimizer_strategy(optimizer: keras.optimizers.Optimizer) -> Any:
+    """The TensorFlow strategy the optimizer was built under
+    (``optimizer._distribution_strategy``)."""
+    return optimizer._distribution_strategy
+
+
+def base_optimizer_keyword_args() -> str:
+    """Keras' docstring text for the arguments every optimizer takes
+    (``keras.src.optimizers.optimizer.base_optimizer_keyword_args``)."""
+    from keras.src.optimizers import optimizer
+
+    return optimizer.base_optimizer_keyword_args
+
+
+# --------------------------------------------------------------------------- tf.distribute
+def in_multi_worker_mode(strategy: Any) -> bool:
+    """Whether a MultiWorkerMirroredStrategy spans several workers
+    (``extended._in_multi_worker_mode``)."""
+    return strategy.extended._in_multi_worker_mode()
+
+
+def merge_call(fn: Callable, strategy: Any, *args: Any) -> Any:
+    """``fn(distribution, *args)`` in cross-replica context, or directly where the
+    strategy needs no merge call (``tf.__internal__.distribute.interim.maybe_merge_call``,
+    which Keras' own TensorFlow optimizer uses)."""
+    import tensorflow as tf
+
+    return tf.__internal__.distribute.interim.maybe_merge_call(fn, strategy, *args)
+
+
+def strategy_supports_no_merge_call() -> bool:
+    """Whether the current strategy applies updates without a merge call
+    (``tf.__internal__.distribute.strategy_supports_no_merge_call``)."""
+    import tensorflow as tf
+
+    return tf.__internal__.distribute.strategy_supports_no_merge_call()
+
+
+# --------------------------------------------------------------------------- the check
+def _required() -> list[tuple[str, Callable[[], bool]]]:
+    """(what, does it exist) for every internal above, on the active backend."""
+
+    def has(owner: Any, name: str) -> Callable[[], bool]:
+        return lambda: hasattr(owner, name)
+
+    def model_attribute(name: str) -> Callable[[], bool]:
+        def check() -> bool:
+            model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+            model.compile(optimizer="sgd", loss="mse")
+            return hasattr(model, name)
+
+        return check
+
+    def optimizer_attribute(name: str) -> Callable[[], bool]:
+        def check() -> bool:
+            optimizer = keras.optimizers.SGD()
+            optimizer.build([keras.Variable(1.0)])
+            return hasattr(optimizer, name)
+
+        return check
+
+    def reads_train_step_when_made() -> bool:
+        # `train_step_replaced` needs Keras to read `train_step` at make time.
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse", run_eagerly=True)
+        ran = []
+
+        def step(*args: Any) -> Any:  # (data) on TensorFlow, (state, data) on JAX
+            ran.append(True)
+            logs = {"ran": keras.ops.zeros(())}
+            return logs if len(args) == 1 else (logs, args[0])
+
+        with train_step_replaced(model, step):
+            model.make_train_function(force=True)
+        model.train_step = None  # a read after the scope would fail
+        try:
+            model.fit(keras.ops.ones((1, 1)), keras.ops.ones((1, 1)), verbose=0)
+        except TypeError:
+            return False
+        finally:
+            del model.train_step
+        return bool(ran)
+
+    def keyword_args() -> bool:
+        return isinstance(base_optimizer_keyword_args(), str)
+
+    def untracked_scope() -> bool:
+        with untracked():
+            return True
+
+    checks = [
+        ("Layer._flatten_layers", has(keras.layers.Layer, "_flatten_layers")),
+        ("Layer._seed_generators", lambda: hasattr(keras.layers.Dropout(0.5), "_seed_generators")),
+        ("keras.src.utils.tracking.DotNotTrackScope", untracked_scope),
+        ("Trainer._symbolic_build", has(keras.Model, "_symbolic_build")),
+        ("Trainer._jit_compile", model_attribute("_jit_compile")),
+        ("Trainer._loss_tracker", model_attribute("_loss_tracker")),
+        ("Layer._losses_override", model_attribute("_losses_override")),
+        ("Keras reads train_step once, in make_train_function", reads_train_step_when_made),
+        ("Variable._value", lambda: hasattr(keras.Variable(1.0), "_value")),
+        ("Optimizer._iterations", optimizer_attribute("_iterations")),
+        ("Optimizer._trainable_variables", optimizer_attribute("_trainable_variables")),
+        ("Optimizer._get_variable_index", optimizer_attribute("_get_variable_index")),
+        ("Optimizer._var_key", optimizer_attribute("_var_key")),
+        ("Optimizer._use_weight_decay", optimizer_attribute("_use_weight_decay")),
+        ("keras.src.optimizers.optimizer.base_optimizer_keyword_args", keyword_args),
+    ]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        strategy = tf.distribute.get_strategy()
+        checks += [
+            ("Trainer._maybe_symbolic_build", has(keras.Model, "_maybe_symbolic_build")),
+            ("Trainer._distribute_strategy", model_attribute("_distribute_strategy")),
+            ("Optimizer._distribution_strategy", optimizer_attribute("_distribution_strategy")),
+            (
+                "StrategyExtended._in_multi_worker_mode",
+                has(strategy.extended, "_in_multi_worker_mode"),
+            ),
+            (
+                "tf.__internal__.distribute.interim.maybe_merge_call",
+                has(tf.__internal__.distribute.interim, "maybe_merge_call"),
+            ),
+            (
+                "tf.__internal__.distribute.strategy_supports_no_merge_call",
+                has(tf.__internal__.distribute, "strategy_supports_no_merge_call"),
+            ),
+        ]
+    return checks
+
+
+def check() -> None:
+    """Raises `RuntimeError` naming every internal the installed Keras lacks.
+
+    Example:
+
+    >>> from keras_sam import internals
+    >>> internals.check()  # silent on a supported Keras
+    """
+    missing = []
+    for what, exists in _required():
+        try:
+            ok = exists()
+        except (AttributeError, ImportError):
+            ok = False
+        if not ok:
+            missing.append(what)
+    if missing:
+        raise RuntimeError(
+            f"keras_sam relies on Keras internals that keras {keras.__version__} "
+            f"({keras.backend.backend()} backend) does not have: {', '.join(missing)}. "
+            "Install a Keras version keras_sam supports, or report this."
+        )

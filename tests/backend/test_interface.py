@@ -1,0 +1,96 @@
+"""The backend boundary: every backend package implements `Backend`, and nothing
+outside `keras_sam/backend/` reaches a backend library or Keras internals."""
+
+import ast
+import inspect
+import pathlib
+
+import pytest
+
+from keras_sam.backend import interface
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "keras_sam"
+BACKENDS = ("tensorflow", "jax", "torch")
+#: Modules that must stay backend-free (the issue's list, plus the rest of the package).
+BACKEND_FREE = sorted(
+    p for p in PACKAGE.rglob("*.py") if "backend" not in p.relative_to(PACKAGE).parts
+)
+BACKEND_LIBRARIES = ("tensorflow", "jax", "torch")
+
+
+def _protocol_parameters():
+    return {
+        name: [p for p in inspect.signature(getattr(interface.Backend, name)).parameters][1:]
+        for name in interface.FUNCTIONS
+    }
+
+
+def _module_names(package: str) -> dict:
+    """Top-level names of a backend package: {name: parameters, or None if not a def}."""
+    tree = ast.parse((PACKAGE / "backend" / package / "__init__.py").read_text())
+    names = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            args = node.args
+            names[node.name] = [a.arg for a in args.posonlyargs + args.args]
+            if args.vararg:
+                names[node.name].append(args.vararg.arg)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    names[target.id] = None
+        elif isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                names[alias.asname or alias.name] = "imported"
+    return names
+
+
+def test_the_interface_lists_what_the_package_uses():
+    assert len(interface.FUNCTIONS) >= 20
+    assert "forward_and_gradients" in interface.FUNCTIONS
+    assert "loss_scale" not in interface.FUNCTIONS  # written once, in common
+
+
+@pytest.mark.parametrize("package", BACKENDS)
+def test_every_backend_defines_every_function(package):
+    names = _module_names(package)
+    missing = [name for name in interface.FUNCTIONS if name not in names]
+    assert not missing, f"backend/{package} lacks {missing}"
+
+
+@pytest.mark.parametrize("package", ["tensorflow", "jax"])
+def test_full_backends_take_the_interface_parameters(package):
+    names = _module_names(package)
+    expected = _protocol_parameters()
+    wrong = {
+        name: (names[name], params)
+        for name, params in expected.items()
+        if isinstance(names[name], list) and names[name] != [p.lstrip("*") for p in params]
+    }
+    assert not wrong, f"backend/{package}: parameters differ from the interface: {wrong}"
+
+
+def test_the_active_backend_is_complete():
+    from keras_sam import backend
+
+    for name in interface.FUNCTIONS:
+        assert callable(getattr(backend, name)), name
+
+
+def _imports(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+
+
+@pytest.mark.parametrize("path", BACKEND_FREE, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_backend_library_outside_the_backend_package(path):
+    if path.name == "internals.py":  # the one module that reaches tf.__internal__, keras.src
+        return
+    for module in _imports(path):
+        assert module.split(".")[0] not in BACKEND_LIBRARIES, f"{path.name} imports {module}"
+        assert not module.startswith("keras_sam.backend."), f"{path.name} imports {module}"
+        assert not module.startswith("keras.src"), f"{path.name} imports {module}"
