@@ -277,106 +277,44 @@ class Method:
     extra: str = ""
 
 
-SGD_MOMENTUM = 0.9
-ADAMW_WEIGHT_DECAY = 0.004
-KSAM_K = 0.25
-LAYERWISE_NUM_LAYERS = 0.25
-
-
-def layerwise_class() -> Any:
-    """`keras_sam.LayerwiseSAM` if it is available (exported or in keras_sam.models.layerwise)."""
-    import keras_sam
-
-    if hasattr(keras_sam, "LayerwiseSAM"):
-        return keras_sam.LayerwiseSAM
-    try:
-        from keras_sam.models.layerwise import LayerwiseSAM
-    except ImportError:
-        return None
-    return LayerwiseSAM
-
-
 def all_methods() -> dict[str, Method]:
-    """Every method of the package, plus the two base optimizers, by short name."""
-    import keras
-
-    import keras_sam
-
-    def sgd(lr: Any, rho: Any) -> Any:
-        return keras.optimizers.SGD(lr, momentum=SGD_MOMENTUM)
-
-    def adamw(lr: Any, rho: Any) -> Any:
-        return keras.optimizers.AdamW(lr, weight_decay=ADAMW_WEIGHT_DECAY)
+    """Every method of `keras_sam.registry`, plus the base optimizers, by name."""
+    from keras_sam import registry
 
     def same(model: Any, rho: Any) -> Any:
         return model
 
-    methods = [
-        Method("sgd", "SGD-momentum (base)", "sgd", same, sgd, None),
-        Method(
-            "sam", "SAM", "sgd", lambda m, r: keras_sam.SAM(m, rho=r), sgd, 0.05,
-            (0.05, 0.1),
-        ),
-        Method(
-            "asam", "ASAM", "sgd", lambda m, r: keras_sam.ASAM(m, rho=r, eta=0.01), sgd, 0.5,
-            (0.5, 1.0), extra="eta=0.01",
-        ),
-        Method(
-            "ksam", "K-SAM", "sgd", lambda m, r: keras_sam.KSAM(m, rho=r, k=KSAM_K), sgd, 0.05,
-            (0.05, 0.1), extra=f"k={KSAM_K}",
-        ),
-    ]
-    layerwise = layerwise_class()
-    if layerwise is not None:
-        methods.append(
-            Method(
-                "layerwise", "LayerwiseSAM", "sgd",
-                lambda m, r: layerwise(m, rho=r, num_layers=LAYERWISE_NUM_LAYERS), sgd, 0.05,
-                (0.05, 0.1), extra=f"num_layers={LAYERWISE_NUM_LAYERS}",
-            )
+    def base(entry: Any) -> Method:
+        return Method(
+            entry.name, f"{entry.title} (base)", entry.name, same,
+            lambda lr, rho: entry.make(lr), None,
         )
-    methods += [
-        Method(
-            "gsam", "GSAM", "sgd", lambda m, r: keras_sam.GSAM(m, rho=r, alpha=0.1), sgd, 0.05,
-            (0.05, 0.1), extra="alpha=0.1",
-        ),
-        Method(
-            "looksam", "LookSAM", "sgd", lambda m, r: keras_sam.LookSAM(m, rho=r, alpha=0.7, k=5),
-            sgd, 0.05, (0.05, 0.1), extra="alpha=0.7, k=5",
-        ),
-        Method(
-            "esam", "ESAM", "sgd", lambda m, r: keras_sam.ESAM(m, rho=r, beta=0.6, gamma=0.5),
-            sgd, 0.05, (0.05, 0.1), extra="beta=0.6, gamma=0.5",
-        ),
-        Method(
-            "friendly-sam", "Friendly-SAM", "sgd",
-            lambda m, r: keras_sam.FriendlySAM(m, rho=r, sigma=1.0, lmbda=0.9), sgd, 0.05,
-            (0.05, 0.1), extra="sigma=1, lmbda=0.9",
-        ),
-        Method(
-            "wsam", "WSAM", "sgd", lambda m, r: keras_sam.WSAM(m, rho=r, gamma=0.9), sgd, 0.05,
-            (0.05, 0.1), extra="gamma=0.9",
-        ),
-        Method(
-            "sam-on", "SAM-ON", "sgd",
-            lambda m, r: keras_sam.SAM(m, rho=r, perturb="normalization"), sgd, 0.5,
-            (0.5, 1.0), extra='perturb="normalization"',
-        ),
-        Method(
-            "msam", "MSAM", "sgd", same,
-            lambda lr, r: keras_sam.optimizers.MSAM(lr, momentum=SGD_MOMENTUM, rho=r), 0.3,
-            (0.3, 1.0), momentum_sam=True,
-        ),
-        Method("adamw", "AdamW (base)", "adamw", same, adamw, None),
-        Method(
-            "adamw-msam", "AdamW-MSAM", "adamw", same,
-            lambda lr, r: keras_sam.optimizers.AdamWMSAM(
-                lr, rho=r, weight_decay=ADAMW_WEIGHT_DECAY
-            ),
-            0.3, (0.3, 1.0), momentum_sam=True,
-        ),
-    ]
+
+    def method(entry: Any) -> Method:
+        return Method(
+            entry.name, entry.title, entry.base, entry.make_trainer, entry.make_optimizer,
+            entry.rho, entry.rho_grid, momentum_sam=entry.is_optimizer, extra=entry.options,
+        )
+
+    methods = [base(registry.BASES["sgd"])]
+    methods += [method(e) for e in registry.METHODS.values() if e.base == "sgd"]
+    methods += [base(registry.BASES["adamw"])]
+    methods += [method(e) for e in registry.METHODS.values() if e.base == "adamw"]
     return {m.name: m for m in methods}
+
+
+def sgd_momentum() -> float:
+    """The momentum of the SGD base optimizer (the registry's)."""
+    from keras_sam import registry
+
+    return registry.SGD_MOMENTUM
+
+
+def ksam_k() -> float:
+    """K-SAM's k in the benchmarks (the registry's)."""
+    from keras_sam import registry
+
+    return registry.METHODS["ksam"].hyperparameters["k"]
 
 
 def select_methods(requested: Sequence[str] | None, available: dict[str, Method]) -> list[str]:

@@ -27,7 +27,7 @@ peak of TensorFlow's GPU allocator during each method's warm-up is reported too.
 
 ``--pieces`` times the parts a step is made of (training forward, forward +
 backward, the stateless perturbed pass, K-SAM's scoring pass, the optimizer
-update) to explain the ratios against the cost model of ALGORITHMS.md §2.3.
+update) to explain the ratios against the cost model (docs/concepts/methods.md).
 
 ``--backend jax`` runs the same measurement on Keras' JAX backend without importing
 TensorFlow: each trainer is built and its step ``jax.jit``-compiled by ``fit`` on one
@@ -378,7 +378,7 @@ def time_pieces(spec: ModelSpec, args: argparse.Namespace) -> dict:
     per-sample losses.
     """
     batch = spec.batch_size
-    k = max(1, round(common.KSAM_K * batch))
+    k = max(1, round(common.ksam_k() * batch))
     if common.backend_name() == "jax":
         compiled, block = _jax_pieces(spec, batch, k)
     else:
@@ -424,7 +424,7 @@ def _tensorflow_pieces(spec: ModelSpec, batch: int, k: int) -> tuple[dict, Calla
 
     x, y = (tf.constant(t) for t in spec.make_data(batch, 1))
     model = spec.build(0)
-    optimizer = keras.optimizers.SGD(0.05, momentum=common.SGD_MOMENTUM)
+    optimizer = keras.optimizers.SGD(0.05, momentum=common.sgd_momentum())
     variables = model.trainable_variables
     optimizer.build(variables)
     per_sample = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
@@ -517,7 +517,7 @@ def _jax_pieces(spec: ModelSpec, batch: int, k: int) -> tuple[dict, Callable]:
     else:
         x, y = jax.device_put(x), jax.device_put(y)
     model = spec.build(0)
-    optimizer = keras.optimizers.SGD(0.05, momentum=common.SGD_MOMENTUM)
+    optimizer = keras.optimizers.SGD(0.05, momentum=common.sgd_momentum())
     optimizer.build(model.trainable_variables)
     per_sample = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     trainable = [v.value for v in model.trainable_variables]

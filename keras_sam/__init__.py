@@ -7,9 +7,10 @@ Train-step wrappers (`model.fit` works unchanged): `SAM`, `ASAM`, `KSAM`,
 `keras_sam.callbacks.MSAMCallback` for evaluation and checkpoints during `fit`.
 `keras_sam.sharpness` measures what SAM optimizes (Hessian spectrum, m-sharpness,
 loss landscapes); `keras_sam.callbacks.SharpnessMonitor` logs it during `fit`.
+`keras_sam.registry` lists every method once; `keras_sam.get` looks one up by name.
 """
 
-from keras_sam import callbacks, optimizers, rho, sharpness
+from keras_sam import callbacks, optimizers, registry, rho, sharpness
 from keras_sam.models import (
     ASAM,
     ESAM,
@@ -22,6 +23,7 @@ from keras_sam.models import (
     LookSAM,
     SharpnessAwareTrainer,
 )
+from keras_sam.registry import get
 
 __version__ = "0.1.0"
 
@@ -38,7 +40,9 @@ __all__ = [
     "SharpnessAwareTrainer",
     "__version__",
     "callbacks",
+    "get",
     "optimizers",
+    "registry",
     "rho",
     "sharpness",
 ]

@@ -80,15 +80,18 @@ class MSAMCallback(keras.callbacks.Callback):
         ValueError: at ``on_train_begin`` (or the first swap) if the model's optimizer is not
             a Momentum-SAM optimizer.
 
-    Example:
+    Example: validation and checkpoints see the clean weights.
 
-    ```python
-    model.compile(optimizer=keras_sam.optimizers.MSAM(0.1, rho=0.3), loss="mse")
-    model.fit(x, y, validation_data=(xv, yv), epochs=5, callbacks=[
-        keras_sam.callbacks.MSAMCallback(),
-        keras.callbacks.ModelCheckpoint("best.keras", save_best_only=True),
-    ])
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer=keras_sam.optimizers.MSAM(0.05, rho=0.3), loss="mse")
+    >>> x, y = np.random.rand(32, 4), np.random.rand(32, 1)
+    >>> history = model.fit(x, y, validation_split=0.25, epochs=2, verbose=0, callbacks=[
+    ...     keras_sam.callbacks.MSAMCallback(),
+    ...     keras.callbacks.ModelCheckpoint("best.keras", save_best_only=True),
+    ... ])
+    >>> model.optimizer.is_perturbed  # after fit, the model holds the clean weights
+    False
     """
 
     def __init__(self, swap_on_epoch: bool = True) -> None:
@@ -241,10 +244,15 @@ def recalibrate_batchnorm(
 
     Example:
 
-    ```python
-    model.fit(train_ds, epochs=90, callbacks=[keras_sam.callbacks.MSAMCallback()])
-    keras_sam.callbacks.recalibrate_batchnorm(model, train_ds)
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(),
+    ...                           keras.layers.Dense(1)])
+    >>> model.compile(optimizer=keras_sam.optimizers.MSAM(0.05, rho=0.3), loss="mse")
+    >>> x, y = np.random.rand(32, 4), np.random.rand(32, 1)
+    >>> history = model.fit(x, y, epochs=2, verbose=0,
+    ...                     callbacks=[keras_sam.callbacks.MSAMCallback()])
+    >>> keras_sam.callbacks.recalibrate_batchnorm(model, x)  # layers recalibrated
+    1
     """
     layers = _batchnorm_layers(model)
     if not layers:
@@ -307,12 +315,15 @@ class BatchNormRecalibration(keras.callbacks.Callback):
 
     Example:
 
-    ```python
-    model.fit(train_ds, epochs=200, callbacks=[
-        keras_sam.callbacks.MSAMCallback(),
-        keras_sam.callbacks.BatchNormRecalibration(train_ds, steps=200),
-    ])
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(),
+    ...                           keras.layers.Dense(1)])
+    >>> model.compile(optimizer=keras_sam.optimizers.MSAM(0.05, rho=0.3), loss="mse")
+    >>> x, y = np.random.rand(32, 4), np.random.rand(32, 1)
+    >>> history = model.fit(x, y, epochs=2, verbose=0, callbacks=[
+    ...     keras_sam.callbacks.MSAMCallback(),
+    ...     keras_sam.callbacks.BatchNormRecalibration(x, steps=2),
+    ... ])
     """
 
     def __init__(self, data: Any, steps: int | None = None, batch_size: int | None = None) -> None:
@@ -380,12 +391,16 @@ class SharpnessMonitor(keras.callbacks.Callback):
 
     Example:
 
-    ```python
-    monitor = keras_sam.callbacks.SharpnessMonitor((x_val[:256], y_val[:256]),
-                                                   measures=("hessian_top", "m_sharpness"))
-    history = trainer.fit(x, y, epochs=10, callbacks=[monitor])
-    history.history["hessian_top"]
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    >>> trainer = keras_sam.SAM(model, rho=0.05)
+    >>> trainer.compile(optimizer="sgd", loss="mse")
+    >>> x, y = np.random.rand(64, 4), np.random.rand(64, 1)
+    >>> monitor = keras_sam.callbacks.SharpnessMonitor(
+    ...     (x[:32], y[:32]), measures=("hessian_top", "m_sharpness"))
+    >>> history = trainer.fit(x, y, epochs=2, verbose=0, callbacks=[monitor])
+    >>> len(history.history["hessian_top"])
+    2
     """
 
     def __init__(

@@ -1,10 +1,12 @@
-"""The main job: train one small network with the base optimizer and every method.
+"""The main job: train one small network with its base optimizer and keras_sam's methods.
 
     python -m keras_sam.demo                  # scikit-learn digits, offline
     keras-sam-demo --noise 0.2 --epochs 30    # 20 % label noise
     keras-sam-demo --methods sgd sam msam --plot results.png
 
-Every run uses the same CNN (with BatchNorm), seed and cosine learning-rate decay.
+By default SAM, ASAM and the three papers' cheap methods; any method of
+`keras_sam.registry` with `--methods`. Every run uses the same CNN (with
+BatchNorm), seed and cosine learning-rate decay.
 Prints Keras progress bars, then a table: test accuracy, median step time as a
 ratio to the base optimizer (measured in this process), and the memory each
 method adds (bytes of extra variables).
@@ -13,10 +15,9 @@ method adds (bytes of extra variables).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -25,62 +26,40 @@ import keras
 import numpy as np
 
 import keras_sam
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoMethod:
-    """How the demo trains one method: a model wrapper and an optimizer factory."""
-
-    label: str
-    base: str
-    wrap: Callable[[keras.Model], keras.Model]
-    #: learning-rate schedule -> optimizer
-    optimizer: Callable[[Any], keras.optimizers.Optimizer]
-    callbacks: Callable[[Any], list] = lambda data: []
-
+from keras_sam import registry
 
 SGD_LR = 0.05
 ADAM_LR = 3e-3
+#: Peak learning rate per base optimizer (a cosine decay follows).
+PEAK_LR = {"sgd": SGD_LR, "adamw": ADAM_LR}
+#: The methods the demo runs unless told otherwise: SAM, ASAM and the three papers'
+#: cheap methods (the zoo's are one ``--methods`` away).
+DEFAULT_METHODS = ("sam", "asam", "ksam", "layerwise", "msam", "adamw-msam")
+#: Every method by name: the base optimizers and `keras_sam.registry.METHODS`.
+METHODS = [*registry.BASES, *registry.METHODS]
 
 
-def _sgd(lr: Any) -> keras.optimizers.Optimizer:
-    return keras.optimizers.SGD(lr(SGD_LR), momentum=0.9)
+def _label(name: str) -> str:
+    if name in registry.BASES:
+        return f"{registry.BASES[name].title} (base)"
+    entry = registry.METHODS[name]
+    return f"{entry.title} rho={entry.rho:g}" + (f", {entry.options}" if entry.options else "")
 
 
-def _adamw(lr: Any) -> keras.optimizers.Optimizer:
-    return keras.optimizers.AdamW(lr(ADAM_LR), weight_decay=0.004)
+def _base(name: str) -> str:
+    return name if name in registry.BASES else registry.METHODS[name].base
 
 
-def _msam_callbacks(data: Any) -> list:
+def _build(name: str, model: keras.Model, learning_rate: Any) -> tuple:
+    if name in registry.BASES:
+        return model, registry.BASES[name].make(learning_rate)
+    return registry.METHODS[name].build(model, learning_rate)
+
+
+def _callbacks(name: str, data: Any) -> list:
+    if name in registry.BASES or not registry.METHODS[name].is_optimizer:
+        return []
     return [keras_sam.callbacks.MSAMCallback(), keras_sam.callbacks.BatchNormRecalibration(data)]
-
-
-METHODS: dict[str, DemoMethod] = {
-    "sgd": DemoMethod("SGD (base)", "sgd", lambda m: m, _sgd),
-    "sam": DemoMethod("SAM rho=0.05", "sgd", lambda m: keras_sam.SAM(m, rho=0.05), _sgd),
-    "asam": DemoMethod("ASAM rho=0.5", "sgd", lambda m: keras_sam.ASAM(m, rho=0.5), _sgd),
-    # k = 0.5: with BatchNorm and batches of 64, k = 0.25 (16 samples normalized
-    # together) trains poorly (66 % against 97 % at k = 0.5); see the K-SAM docs.
-    "ksam": DemoMethod("K-SAM k=0.5", "sgd", lambda m: keras_sam.KSAM(m, rho=0.05, k=0.5), _sgd),
-    "layerwise": DemoMethod(
-        "Layer-wise SAM rho=0.05", "sgd", lambda m: keras_sam.LayerwiseSAM(m, rho=0.05), _sgd
-    ),
-    "msam": DemoMethod(
-        "MSAM rho=0.3",
-        "sgd",
-        lambda m: m,
-        lambda lr: keras_sam.optimizers.MSAM(lr(SGD_LR), momentum=0.9, rho=0.3),
-        _msam_callbacks,
-    ),
-    "adamw": DemoMethod("AdamW (base)", "adamw", lambda m: m, _adamw),
-    "adamw-msam": DemoMethod(
-        "AdamW-MSAM rho=0.3",
-        "adamw",
-        lambda m: m,
-        lambda lr: keras_sam.optimizers.AdamWMSAM(lr(ADAM_LR), rho=0.3, weight_decay=0.004),
-        _msam_callbacks,
-    ),
-}
 
 
 def load_digits(noise: float, seed: int) -> tuple:
@@ -156,23 +135,19 @@ def _variable_bytes(variables: Sequence[Any]) -> int:
 
 
 def run_method(name: str, data: tuple, args: argparse.Namespace, verbose: int) -> dict:
-    method = METHODS[name]
     (x_train, y_train), (x_test, y_test), num_classes = data
     model = build_model(x_train.shape[1:], num_classes, args.seed)
-    trainer = method.wrap(model)
     steps = args.epochs * int(np.ceil(len(x_train) / args.batch_size))
-
-    def cosine(peak: float) -> keras.optimizers.schedules.LearningRateSchedule:
-        return keras.optimizers.schedules.CosineDecay(peak, decay_steps=steps)
-
+    cosine = keras.optimizers.schedules.CosineDecay(PEAK_LR[_base(name)], decay_steps=steps)
+    trainer, optimizer = _build(name, model, cosine)
     trainer.compile(
-        optimizer=method.optimizer(cosine),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=not args.no_jit,
     )
     timer = StepTimer()
-    print(f"\n== {method.label} ==")
+    print(f"\n== {_label(name)} ==")
     history = trainer.fit(
         x_train,
         y_train,
@@ -180,15 +155,15 @@ def run_method(name: str, data: tuple, args: argparse.Namespace, verbose: int) -
         epochs=args.epochs,
         validation_data=(x_test, y_test),
         verbose=verbose,
-        callbacks=[*method.callbacks(x_train), timer],
+        callbacks=[*_callbacks(name, x_train), timer],
     )
     accuracy = _accuracy(model, x_test, y_test)
     own = {id(v) for v in model.variables}
     extra = [v for v in trainer.variables if id(v) not in own]
     return {
         "name": name,
-        "label": method.label,
-        "base": method.base,
+        "label": _label(name),
+        "base": _base(name),
         "accuracy": accuracy,
         "step_time": float(np.median(timer.times)) if timer.times else float("nan"),
         "optimizer_bytes": _variable_bytes(trainer.optimizer.variables),
@@ -198,7 +173,14 @@ def run_method(name: str, data: tuple, args: argparse.Namespace, verbose: int) -
 
 
 def _accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
-    logits = model.predict(x, batch_size=256, verbose=0)
+    # An eager call, not `predict`: a new predict function per method makes TensorFlow
+    # warn about retracing.
+    logits = np.concatenate(
+        [
+            keras.ops.convert_to_numpy(model(x[i : i + 256], training=False))
+            for i in range(0, len(x), 256)
+        ]
+    )
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
@@ -251,7 +233,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="keras-sam-demo", description=(__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        choices=METHODS,
+        help="methods to run (their base optimizers run too)",
+    )
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--noise", type=float, default=0.0, help="label-noise fraction (digits)")
@@ -276,8 +264,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         data = load_tfds(args.dataset)
     methods = list(
         dict.fromkeys(
-            [METHODS[name].base for name in args.methods if METHODS[name].base not in args.methods]
-            + args.methods
+            [_base(name) for name in args.methods if _base(name) not in args.methods] + args.methods
         )
     )
     results = [run_method(name, data, args, verbose=0 if args.quiet else 1) for name in methods]

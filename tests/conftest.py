@@ -11,10 +11,10 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 if os.environ["KERAS_BACKEND"] == "jax":
-    # Two host devices for keras.distribution.DataParallel tests (read when jax starts).
+    # Four host devices for keras.distribution tests (read when jax starts).
     _flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in _flags:
-        os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=2".strip()
+        os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=4".strip()
 
 import keras
 import pytest

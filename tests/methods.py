@@ -1,9 +1,10 @@
-"""The registry the contract suite runs every method through.
+"""The methods the contract suite runs through its checks, from `keras_sam.registry`.
 
 A new method gets the shared checks (ρ = 0 equals the base optimizer, BatchNorm
-updated once, XLA, serialization, distribution, bad input, ...) by being listed
-here. Wrappers are fitted as ``Wrapper(model)``; optimizers as ``model`` compiled
-with them.
+updated once, XLA, serialization, distribution, bad input, ...) by its registry
+entry, with the entry's ``contract`` hyperparameters; two test-only
+configurations are added below. Wrappers are fitted as ``Wrapper(model)``;
+optimizers as ``model`` compiled with them.
 """
 
 from __future__ import annotations
@@ -48,56 +49,58 @@ def _sgd(**kwargs: Any) -> keras.optimizers.Optimizer:
     return keras.optimizers.SGD(LR, momentum=0.9, **kwargs)
 
 
-def _wrapper(cls: type, **extra: Any) -> Method:
+def _adam(**kwargs: Any) -> keras.optimizers.Optimizer:
+    return keras.optimizers.Adam(LR, **kwargs)
+
+
+#: The base optimizer a method must equal at ρ = 0, per registry base. AdamW-MSAM runs
+#: without weight decay here (see the registry), so its base is plain Adam.
+BASE_OPTIMIZERS = {"sgd": _sgd, "adamw": _adam}
+
+
+def _label(cls: type, extra: dict) -> str:
+    return cls.__name__ + "".join(f"-{k}={getattr(v, '__name__', v)}" for k, v in extra.items())
+
+
+def _wrapper(cls: type, base: str = "sgd", **extra: Any) -> Method:
     return Method(
-        name=cls.__name__ + "".join(f"-{k}={getattr(v, '__name__', v)}" for k, v in extra.items()),
+        name=_label(cls, extra),
         trainer=lambda model, rho: cls(model, rho=rho, **extra),
-        optimizer=lambda rho, **kwargs: _sgd(**kwargs),
-        base_optimizer=_sgd,
+        optimizer=lambda rho, **kwargs: BASE_OPTIMIZERS[base](**kwargs),
+        base_optimizer=BASE_OPTIMIZERS[base],
         construct=lambda model, **kwargs: cls(model, **{**extra, **kwargs}),
     )
 
 
-WRAPPERS = [
-    _wrapper(keras_sam.SAM),
-    _wrapper(keras_sam.ASAM),
-    # k = 1.0 (the whole batch) so that "rho = 0 equals the base optimizer" holds;
-    # tests/models/test_ksam.py covers k < 1.
-    _wrapper(keras_sam.KSAM, k=1.0),
-    # One layer (the backward is cut) and all layers (reduces to SAM).
-    _wrapper(keras_sam.LayerwiseSAM, num_layers=1),
-    _wrapper(keras_sam.LayerwiseSAM, num_layers=1.0, layers=None),
-    _wrapper(keras_sam.GSAM, alpha=0.4),
-    # k = 2: the SAM step and the reuse step both run in every test.
-    _wrapper(keras_sam.LookSAM, k=2),
-    # gamma = 1.0 keeps every sample (rho = 0 equals the base optimizer);
-    # tests/models/test_zoo.py covers the selection.
-    _wrapper(keras_sam.ESAM, beta=0.6, gamma=1.0, seed=3),
-    _wrapper(keras_sam.FriendlySAM, sigma=0.7),
-    _wrapper(keras_sam.WSAM),
-    # The variable filter every wrapper takes (a serializable predicate: the contract
-    # models have no normalization layer for perturb="normalization").
-    _wrapper(keras_sam.SAM, perturb=kernels_only),
-]
-
-def _optimizer(cls: type, base: Callable[[], keras.optimizers.Optimizer], **extra: Any) -> Method:
+def _optimizer(cls: type, base: str = "sgd", **extra: Any) -> Method:
     return Method(
         name=cls.__name__,
         trainer=lambda model, rho: model,
         optimizer=lambda rho, **kwargs: cls(LR, rho=rho, **extra, **kwargs),
-        base_optimizer=base,
+        base_optimizer=BASE_OPTIMIZERS[base],
         construct=lambda model, **kwargs: cls(**{**extra, **kwargs}),
         is_wrapper=False,
         callbacks=lambda: [keras_sam.callbacks.MSAMCallback()],
     )
 
 
-OPTIMIZERS = [
-    _optimizer(keras_sam.optimizers.MSAM, _sgd, momentum=0.9),
-    # weight_decay=None: AdamWMSAM decays after the Adam step (the paper's order),
-    # Keras' AdamW before it; without decay the two must agree exactly.
-    _optimizer(keras_sam.optimizers.AdamWMSAM, lambda **kwargs: keras.optimizers.Adam(LR, **kwargs),
-               weight_decay=None),
+def _from_registry(entry: keras_sam.registry.Method) -> Method:
+    make = _optimizer if entry.is_optimizer else _wrapper
+    return make(entry.cls, entry.base, **entry.preset, **entry.contract)
+
+
+_REGISTERED = [
+    _from_registry(entry)
+    for entry in keras_sam.registry.METHODS.values()
+    if entry.contract is not None
 ]
 
+WRAPPERS = [m for m in _REGISTERED if m.is_wrapper] + [
+    # Layer-wise SAM with every layer chosen (it reduces to SAM).
+    _wrapper(keras_sam.LayerwiseSAM, num_layers=1.0, layers=None),
+    # The variable filter every wrapper takes (a serializable predicate: the contract
+    # models have no normalization layer for perturb="normalization").
+    _wrapper(keras_sam.SAM, perturb=kernels_only),
+]
+OPTIMIZERS = [m for m in _REGISTERED if not m.is_wrapper]
 METHODS = WRAPPERS + OPTIMIZERS

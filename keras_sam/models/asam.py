@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import keras
 from keras import ops
 
 from keras_sam import rho as rho_lib
-from keras_sam.models.base import SharpnessAwareTrainer
+from keras_sam.models.trainer import SharpnessAwareTrainer
 from keras_sam.ops import dual_vector
+from keras_sam.validation import check_real
 
 #: Variable names that get T_w = 1 (no adaptive scaling): biases and the shift of
 #: normalization layers, as in the ASAM authors' code (which scales "weight" only).
@@ -46,10 +45,15 @@ class ASAM(SharpnessAwareTrainer):
 
     Example:
 
-    ```python
-    trainer = keras_sam.ASAM(model, rho=0.5, eta=0.01)
-    trainer.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> trainer = keras_sam.ASAM(model, rho=0.5, eta=0.01)
+    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+    ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+    >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    >>> len(history.history["loss"])
+    2
 
     References:
         Kwon, Kim, Park, Choi. ASAM: Adaptive Sharpness-Aware Minimization for
@@ -66,11 +70,7 @@ class ASAM(SharpnessAwareTrainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, rho=rho, **kwargs)
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
-            raise TypeError(f"`eta` must be a float, got {type(eta).__name__}.")
-        if not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"`eta` must be a finite number >= 0, got {eta!r}.")
-        self.eta = float(eta)
+        self.eta = check_real(eta, "eta", low=0.0)
 
     def perturbation(self, grads: list, variables: list) -> list:
         scales = [

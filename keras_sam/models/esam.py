@@ -12,7 +12,7 @@ from keras import ops, tree
 
 from keras_sam import backend
 from keras_sam import rho as rho_lib
-from keras_sam.models.base import Ascent, Descent, SharpnessAwareTrainer
+from keras_sam.models.trainer import Ascent, Descent, SharpnessAwareTrainer
 from keras_sam.ops import add_perturbation, dual_vector, multiply_sample_weight
 from keras_sam.validation import check_int, check_real
 
@@ -75,10 +75,15 @@ class ESAM(SharpnessAwareTrainer):
 
     Example:
 
-    ```python
-    trainer = keras_sam.ESAM(model, rho=0.05, beta=0.6, gamma=0.5)
-    trainer.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> trainer = keras_sam.ESAM(model, rho=0.05, beta=0.6, gamma=0.5)
+    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+    ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+    >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    >>> len(history.history["loss"])
+    2
 
     References:
         Du, Yan, Feng, Zhou, Zhen, Goh, Tan. Efficient Sharpness-aware

@@ -7,7 +7,7 @@ from typing import Any
 import keras
 
 from keras_sam import rho as rho_lib
-from keras_sam.models.base import Ascent, Descent, SharpnessAwareTrainer
+from keras_sam.models.trainer import Ascent, Descent, SharpnessAwareTrainer
 from keras_sam.ops import surrogate_gap_descent
 from keras_sam.validation import check_real
 
@@ -52,12 +52,15 @@ class GSAM(SharpnessAwareTrainer):
 
     Example:
 
-    ```python
-    rho = keras_sam.rho.ProportionalToLearningRate(
-        rho_max=0.04, rho_min=0.02, lr_max=0.1, lr_min=0.0)
-    trainer = keras_sam.GSAM(model, rho=rho, alpha=0.01)
-    trainer.compile(optimizer=keras.optimizers.SGD(schedule, momentum=0.9), loss="mse")
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> trainer = keras_sam.GSAM(model, rho=0.05, alpha=0.1)
+    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+    ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+    >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    >>> len(history.history["loss"])
+    2
 
     References:
         Zhuang, Gong, Yuan, Cui, Adam, Dvornek, Tatikonda, Duncan, Liu.

@@ -11,7 +11,7 @@ from keras import ops, tree
 
 from keras_sam import backend
 from keras_sam import rho as rho_lib
-from keras_sam.models.base import Ascent, SharpnessAwareTrainer
+from keras_sam.models.trainer import Ascent, SharpnessAwareTrainer
 from keras_sam.validation import check_count_or_fraction
 
 
@@ -59,10 +59,17 @@ class KSAM(SharpnessAwareTrainer):
 
     Example:
 
-    ```python
-    trainer = keras_sam.KSAM(model, rho=0.05, k=0.25)
-    trainer.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> trainer = keras_sam.KSAM(model, rho=0.05, k=0.25)
+    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+    ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+    >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    >>> len(history.history["loss"])
+    2
+    >>> trainer.num_samples(8)  # samples per batch of 8 in both passes
+    2
 
     References:
         Ni, Chiang, Geiping, Goldblum, Wilson, Goldstein. K-SAM:
@@ -83,7 +90,7 @@ class KSAM(SharpnessAwareTrainer):
 
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
         loss, y_pred, scores = backend.forward_and_sample_scores(self, x, y, sample_weight)
-        _, chosen = ops.top_k(scores, self.num_chosen(ops.shape(scores)[0]))
+        _, chosen = ops.top_k(scores, self.num_samples(ops.shape(scores)[0]))
         chosen = ops.sort(chosen)  # batch order: with k = |B| the batch is unchanged
         batch = tree.map_structure(
             lambda t: None if t is None else ops.take(t, chosen, axis=0), (x, y, sample_weight)
@@ -93,6 +100,10 @@ class KSAM(SharpnessAwareTrainer):
         return Ascent(loss, y_pred, grads, batch)
 
     def num_chosen(self, batch_size: Any) -> Any:
+        """The former name of `num_samples`, kept working."""
+        return self.num_samples(batch_size)
+
+    def num_samples(self, batch_size: Any) -> Any:
         """k for a batch of ``batch_size`` samples (int or scalar tensor).
 
         A static (Python int) batch size gives a Python int, as `jax.jit` needs

@@ -13,7 +13,7 @@ from keras import ops
 
 from keras_sam import backend, internals
 from keras_sam import rho as rho_lib
-from keras_sam.models.base import Ascent, SharpnessAwareTrainer
+from keras_sam.models.trainer import Ascent, SharpnessAwareTrainer
 from keras_sam.ops import dual_vector, global_norm
 from keras_sam.validation import check_count_or_fraction, check_int, check_real
 
@@ -133,13 +133,17 @@ class LayerwiseSAM(SharpnessAwareTrainer):
 
     Example:
 
-    ```python
-    trainer = keras_sam.LayerwiseSAM(model, rho=0.05, num_layers=2)
-    trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                    loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    trainer.fit(x, y, epochs=10)
-    trainer.selected_layers  # names of the layers perturbed at the next step
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> trainer = keras_sam.LayerwiseSAM(model, rho=0.05, num_layers=1, layers=None)
+    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+    ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+    >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    >>> len(history.history["loss"])
+    2
+    >>> trainer.selected_layers  # the layers perturbed at the next step
+    ['dense']
 
     References:
         Sunwoo Lee. Layer-wise Adaptive Gradient Norm Penalizing Method for
@@ -181,11 +185,11 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         with internals.untracked():  # the layers stay the model's, in its order
             self._units = units
         n = len(self._units)
-        self.num_chosen = _count(self.num_layers, n)
+        self.num_chosen_layers = _count(self.num_layers, n)
         # The lowest chosen layer is never above n - K: no cut is needed there.
-        self.cut_points = _cut_points(n - self.num_chosen + 1, self.max_cuts)
+        self.cut_points = _cut_points(n - self.num_chosen_layers + 1, self.max_cuts)
         initial = np.zeros((n,), "float32")
-        initial[n - self.num_chosen :] = 1.0  # output side until the first ranking
+        initial[n - self.num_chosen_layers :] = 1.0  # output side until the first ranking
         self._selection = self.add_weight(
             shape=(n,),
             initializer=keras.initializers.Constant(initial),
@@ -225,6 +229,11 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         norms = keras.ops.convert_to_numpy(self._grad_norms.value)
         return {layer.name: float(v) for (layer, _), v in zip(self._units, norms)}
 
+    @property
+    def num_chosen(self) -> int:
+        """The former name of `num_chosen_layers`, kept working."""
+        return self.num_chosen_layers
+
     # ------------------------------------------------------------------ the step
     def step_variants(self) -> list:
         """One compiled step per cut depth.
@@ -251,7 +260,7 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         variables = self.trainable_variables
         groups = self._unit_positions(variables)
         cut = self.step_variant or 0  # 0 (no cut) outside a per-cut train function
-        above = [p for group in groups[cut:] for p in group] if self.num_chosen else []
+        above = [p for group in groups[cut:] for p in group] if self.num_chosen_layers else []
         loss, y_pred, computed = backend.forward_and_gradients(
             self, x, y, sample_weight, [variables[p] for p in above]
         )
@@ -298,14 +307,14 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         ``reselect_every`` during the call (one step per call unless
         ``steps_per_execution`` > 1; a skipped non-finite step does not count).
         """
-        if self.num_chosen in (0, len(self._units)):
+        if self.num_chosen_layers in (0, len(self._units)):
             return  # nothing to rank
         iterations = self._optimizer_steps(read)
         if iterations // self.reselect_every <= iterations_before // self.reselect_every:
             return
         norms = np.asarray(read(self._grad_norms), "float32")
         selection = np.zeros_like(norms)
-        selection[np.argsort(-norms, kind="stable")[: self.num_chosen]] = 1.0
+        selection[np.argsort(-norms, kind="stable")[: self.num_chosen_layers]] = 1.0
         write(self._selection, selection)
 
     # ------------------------------------------------------------------ helpers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_sam.models.base import SharpnessAwareTrainer
+from keras_sam.models.trainer import SharpnessAwareTrainer
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -38,12 +38,15 @@ class SAM(SharpnessAwareTrainer):
 
     Example:
 
-    ```python
-    trainer = keras_sam.SAM(model, rho=0.05)
-    trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                    loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    trainer.fit(x, y, epochs=10)
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> trainer = keras_sam.SAM(model, rho=0.05)
+    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+    ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+    >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    >>> len(history.history["loss"])
+    2
 
     References:
         Foret, Kleiner, Mobahi, Neyshabur. Sharpness-Aware Minimization for

@@ -37,14 +37,18 @@ class ModelWrapper(keras.Model):
     Raises:
         TypeError: if ``model`` is not a `keras.Model`.
 
-    Example:
+    Example: Momentum-SAM under MultiWorkerMirroredStrategy (whose plain `fit`
+    fails in Keras 3.15) builds the model inside the strategy's scope and trains
+    ``ModelWrapper(model)``; without a strategy it trains exactly as the model:
 
-    ```python
-    with tf.distribute.MultiWorkerMirroredStrategy().scope():
-        trainer = keras_sam.models.ModelWrapper(make_model())
-        trainer.compile(optimizer=keras_sam.optimizers.MSAM(0.1, rho=0.3), loss="mse")
-    trainer.fit(dataset, epochs=10, callbacks=[keras_sam.callbacks.MSAMCallback()])
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    >>> trainer = keras_sam.models.ModelWrapper(model)
+    >>> trainer.compile(optimizer=keras_sam.optimizers.MSAM(0.05, rho=0.3), loss="mse")
+    >>> history = trainer.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0,
+    ...                       callbacks=[keras_sam.callbacks.MSAMCallback()])
+    >>> trainer.model is model
+    True
     """
 
     def __init__(self, model: keras.Model, **kwargs: Any) -> None:

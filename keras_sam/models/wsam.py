@@ -9,7 +9,7 @@ from keras import ops
 
 from keras_sam import backend
 from keras_sam import rho as rho_lib
-from keras_sam.models.base import Ascent, Descent, SharpnessAwareTrainer
+from keras_sam.models.trainer import Ascent, Descent, SharpnessAwareTrainer
 from keras_sam.validation import check_real
 
 
@@ -51,10 +51,15 @@ class WSAM(SharpnessAwareTrainer):
 
     Example:
 
-    ```python
-    trainer = keras_sam.WSAM(model, rho=0.05, gamma=0.9)
-    trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> trainer = keras_sam.WSAM(model, rho=0.05, gamma=0.9)
+    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+    ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+    >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    >>> len(history.history["loss"])
+    2
 
     References:
         Yue, Jiang, Ye, Gao, Liu, Zhang. Sharpness-Aware Minimization

@@ -55,14 +55,18 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
             ``rho`` or ``weight_decay`` is negative, NaN or infinite.
         TypeError: if an argument has the wrong type.
 
-    Example:
+    Example: ρ switched on after a warm-up.
 
-    ```python
-    rho = keras.optimizers.schedules.PiecewiseConstantDecay([warmup_steps], [0.0, 1.0])
-    model.compile(optimizer=keras_sam.optimizers.AdamWMSAM(1e-3, rho=rho, weight_decay=0.1),
-                  loss="sparse_categorical_crossentropy")
-    model.fit(x, y, validation_split=0.1, callbacks=[keras_sam.callbacks.MSAMCallback()])
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> rho = keras.optimizers.schedules.PiecewiseConstantDecay([4], [0.0, 1.0])
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> model.compile(optimizer=keras_sam.optimizers.AdamWMSAM(1e-3, rho=rho, weight_decay=0.1),
+    ...               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+    >>> history = model.fit(x, y, batch_size=8, epochs=2, validation_split=0.25, verbose=0,
+    ...                     callbacks=[keras_sam.callbacks.MSAMCallback()])
+    >>> len(history.history["val_loss"])
+    2
 
     References:
         Becker, Altrock, Risse, "Momentum-SAM: Sharpness Aware Minimization without
@@ -112,11 +116,11 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
         self.epsilon = epsilon
 
     def _build_slots(self, variables: list) -> None:
-        self._momentums = self._add_slots(variables, "momentum")
-        self._velocities = self._add_slots(variables, "velocity")
+        self.momentums = self._add_slots(variables, "momentum")
+        self.velocities = self._add_slots(variables, "velocity")
 
     def _direction_slots(self) -> list:
-        return self._momentums
+        return self.momentums
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """Clean weights, Adam moments and step, then decoupled decay, for one variable."""
@@ -127,8 +131,8 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
         beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
         beta_2_power = ops.power(ops.cast(self.beta_2, dtype), local_step)
         index = internals.variable_index(self, variable)
-        m = self._momentums[index]
-        v = self._velocities[index]
+        m = self.momentums[index]
+        v = self.velocities[index]
         weights = self._unperturbed(variable, m)
         new_m = ops.add(m, ops.multiply(ops.subtract(gradient, m), 1.0 - self.beta_1))
         new_v = ops.add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1.0 - self.beta_2))

@@ -98,7 +98,7 @@ def test_whole_batch_equals_sam(jit_compile):
 ])
 def test_number_of_chosen_samples(k, batch, expected):
     trainer = keras_sam.KSAM(_scalar_model(), k=k)
-    assert int(trainer.num_chosen(batch)) == expected
+    assert int(trainer.num_samples(batch)) == expected
 
 
 def test_fraction_rounds_per_actual_batch():

@@ -365,8 +365,8 @@ def test_candidates_from_objects_names_and_nested_models():
     assert LayerwiseSAM(model, layers=0.5).candidate_layers == ["b", "head"]
     trainer = LayerwiseSAM(model, layers=["head", inner])  # a whole block is one layer
     assert trainer.candidate_layers == ["block", "head"]
-    assert LayerwiseSAM(model, layers=None, num_layers=0.25).num_chosen == 1  # rounds up
-    assert LayerwiseSAM(model, layers=None, num_layers=10).num_chosen == 3
+    assert LayerwiseSAM(model, layers=None, num_layers=0.25).num_chosen_layers == 1  # rounds up
+    assert LayerwiseSAM(model, layers=None, num_layers=10).num_chosen == 3  # the old spelling
 
 
 def _two_layer_model():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-A = np.diag([1.0, 10.0])  # ALGORITHMS.md §1.10 quadratic L(w) = 1/2 w^T A w
+A = np.diag([1.0, 10.0])  # the quadratic test case L(w) = 1/2 w^T A w
 
 
 def global_norm(arrays):

@@ -77,7 +77,7 @@ def test_invariants_after_each_step():
         with opt.unperturbed():
             clean = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
         diff = (stored - clean).astype(np.float64)
-        m = np.concatenate([s.numpy().ravel() for s in opt._momentums]).astype(np.float64)
+        m = np.concatenate([s.numpy().ravel() for s in opt.momentums]).astype(np.float64)
         assert np.linalg.norm(diff) == pytest.approx(0.25, rel=1e-5)
         assert diff @ m / (np.linalg.norm(diff) * np.linalg.norm(m)) == pytest.approx(-1, abs=1e-6)
 

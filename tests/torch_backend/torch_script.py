@@ -25,7 +25,8 @@ W0 = [np.array([[0.2, -0.1], [0.4, 0.3], [-0.5, 0.1]], "float32"),
 def main() -> None:
     assert keras.backend.backend() == "torch"
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    for wrapper in (keras_sam.SAM, keras_sam.ASAM, keras_sam.KSAM, keras_sam.LayerwiseSAM):
+    wrappers = [m.cls for m in keras_sam.registry.METHODS.values() if not m.is_optimizer]
+    for wrapper in wrappers:
         try:
             wrapper(model)
         except NotImplementedError as error:

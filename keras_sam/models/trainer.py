@@ -125,14 +125,17 @@ class SharpnessAwareTrainer(ModelWrapper):
         ValueError: ``rho`` negative or not finite; unknown
             ``perturbation_scope`` or ``perturb``; ``num_batch_splits`` < 1.
 
-    Example:
+    Example: a new method overrides a hook; here ε follows the gradient's signs.
 
-    ```python
-    class RandomDirectionSAM(keras_sam.SharpnessAwareTrainer):
-        def perturbation(self, grads, variables):  # only ε differs from SAM
-            noise = [None if g is None else keras.random.normal(g.shape) for g in grads]
-            return keras_sam.ops.dual_vector(noise, self.current_rho())
-    ```
+    >>> import keras, numpy as np, keras_sam
+    >>> class SignSAM(keras_sam.SharpnessAwareTrainer):
+    ...     def perturbation(self, grads, variables):  # only ε differs from SAM
+    ...         signs = [None if g is None else keras.ops.sign(g) for g in grads]
+    ...         return keras_sam.ops.dual_vector(signs, self.current_rho())
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    >>> trainer = SignSAM(model, rho=0.05)
+    >>> trainer.compile(optimizer="sgd", loss="mse")
+    >>> history = trainer.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
 
     References:
         Foret, Kleiner, Mobahi, Neyshabur. Sharpness-Aware Minimization for
