@@ -80,18 +80,19 @@ class MSAMCallback(keras.callbacks.Callback):
         ValueError: at ``on_train_begin`` (or the first swap) if the model's optimizer is not
             a Momentum-SAM optimizer.
 
-    Example: validation and checkpoints see the clean weights.
+    Examples:
+        Validation and checkpoints see the clean weights.
 
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-    >>> model.compile(optimizer=keras_sam.optimizers.MSAM(0.05, rho=0.3), loss="mse")
-    >>> x, y = np.random.rand(32, 4), np.random.rand(32, 1)
-    >>> history = model.fit(x, y, validation_split=0.25, epochs=2, verbose=0, callbacks=[
-    ...     keras_sam.callbacks.MSAMCallback(),
-    ...     keras.callbacks.ModelCheckpoint("best.keras", save_best_only=True),
-    ... ])
-    >>> model.optimizer.is_perturbed  # after fit, the model holds the clean weights
-    False
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        >>> model.compile(optimizer=keras_sam.optimizers.MSAM(0.05, rho=0.3), loss="mse")
+        >>> x, y = np.random.rand(32, 4), np.random.rand(32, 1)
+        >>> history = model.fit(x, y, validation_split=0.25, epochs=2, verbose=0, callbacks=[
+        ...     keras_sam.callbacks.MSAMCallback(),
+        ...     keras.callbacks.ModelCheckpoint("best.keras", save_best_only=True),
+        ... ])
+        >>> model.optimizer.is_perturbed  # after fit, the model holds the clean weights
+        False
     """
 
     def __init__(self, swap_on_epoch: bool = True) -> None:
@@ -242,17 +243,16 @@ def recalibrate_batchnorm(
     Raises:
         ValueError: if ``data`` yields no batch while the model has BatchNorm layers.
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(),
-    ...                           keras.layers.Dense(1)])
-    >>> model.compile(optimizer=keras_sam.optimizers.MSAM(0.05, rho=0.3), loss="mse")
-    >>> x, y = np.random.rand(32, 4), np.random.rand(32, 1)
-    >>> history = model.fit(x, y, epochs=2, verbose=0,
-    ...                     callbacks=[keras_sam.callbacks.MSAMCallback()])
-    >>> keras_sam.callbacks.recalibrate_batchnorm(model, x)  # layers recalibrated
-    1
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(),
+        ...                           keras.layers.Dense(1)])
+        >>> model.compile(optimizer=keras_sam.optimizers.MSAM(0.05, rho=0.3), loss="mse")
+        >>> x, y = np.random.rand(32, 4), np.random.rand(32, 1)
+        >>> history = model.fit(x, y, epochs=2, verbose=0,
+        ...                     callbacks=[keras_sam.callbacks.MSAMCallback()])
+        >>> keras_sam.callbacks.recalibrate_batchnorm(model, x)  # layers recalibrated
+        1
     """
     layers = _batchnorm_layers(model)
     if not layers:
@@ -296,7 +296,7 @@ def recalibrate_batchnorm(
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
-        if removed:
+        if removed and optimizer is not None:
             optimizer.apply_perturbation()
     return count
 
@@ -313,17 +313,16 @@ class BatchNormRecalibration(keras.callbacks.Callback):
         steps: at most this many batches. Defaults to ``None`` (all of ``data``).
         batch_size: batch size for array inputs. Defaults to 32.
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(),
-    ...                           keras.layers.Dense(1)])
-    >>> model.compile(optimizer=keras_sam.optimizers.MSAM(0.05, rho=0.3), loss="mse")
-    >>> x, y = np.random.rand(32, 4), np.random.rand(32, 1)
-    >>> history = model.fit(x, y, epochs=2, verbose=0, callbacks=[
-    ...     keras_sam.callbacks.MSAMCallback(),
-    ...     keras_sam.callbacks.BatchNormRecalibration(x, steps=2),
-    ... ])
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(),
+        ...                           keras.layers.Dense(1)])
+        >>> model.compile(optimizer=keras_sam.optimizers.MSAM(0.05, rho=0.3), loss="mse")
+        >>> x, y = np.random.rand(32, 4), np.random.rand(32, 1)
+        >>> history = model.fit(x, y, epochs=2, verbose=0, callbacks=[
+        ...     keras_sam.callbacks.MSAMCallback(),
+        ...     keras_sam.callbacks.BatchNormRecalibration(x, steps=2),
+        ... ])
     """
 
     def __init__(self, data: Any, steps: int | None = None, batch_size: int | None = None) -> None:
@@ -389,18 +388,17 @@ class SharpnessMonitor(keras.callbacks.Callback):
     Raises:
         ValueError: an unknown measure or ``every`` < 1.
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-    >>> trainer = keras_sam.SAM(model, rho=0.05)
-    >>> trainer.compile(optimizer="sgd", loss="mse")
-    >>> x, y = np.random.rand(64, 4), np.random.rand(64, 1)
-    >>> monitor = keras_sam.callbacks.SharpnessMonitor(
-    ...     (x[:32], y[:32]), measures=("hessian_top", "m_sharpness"))
-    >>> history = trainer.fit(x, y, epochs=2, verbose=0, callbacks=[monitor])
-    >>> len(history.history["hessian_top"])
-    2
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        >>> trainer = keras_sam.SAM(model, rho=0.05)
+        >>> trainer.compile(optimizer="sgd", loss="mse")
+        >>> x, y = np.random.rand(64, 4), np.random.rand(64, 1)
+        >>> monitor = keras_sam.callbacks.SharpnessMonitor(
+        ...     (x[:32], y[:32]), measures=("hessian_top", "m_sharpness"))
+        >>> history = trainer.fit(x, y, epochs=2, verbose=0, callbacks=[monitor])
+        >>> len(history.history["hessian_top"])
+        2
     """
 
     def __init__(

@@ -273,10 +273,9 @@ def _required() -> list[tuple[str, Callable[[], bool]]]:
 def check() -> None:
     """Raises `RuntimeError` naming every internal the installed Keras lacks.
 
-    Example:
-
-    >>> from keras_sam import internals
-    >>> internals.check()  # silent on a supported Keras
+    Examples:
+        >>> from keras_sam import internals
+        >>> internals.check()  # silent on a supported Keras
     """
     missing = []
     for what, exists in _required():

@@ -19,9 +19,10 @@ Tensor = Any
 def global_norm(tensors: Sequence[Tensor | None]) -> Tensor:
     """‖t‖₂ over all non-``None`` tensors together, as a float32 scalar.
 
-    >>> from keras import ops
-    >>> float(global_norm([ops.array([3.0]), None, ops.array([[4.0]])]))
-    5.0
+    Examples:
+        >>> from keras import ops
+        >>> float(global_norm([ops.array([3.0]), None, ops.array([[4.0]])]))
+        5.0
     """
     squares = [ops.sum(ops.square(ops.cast(t, "float32"))) for t in tensors if t is not None]
     if not squares:
@@ -32,8 +33,9 @@ def global_norm(tensors: Sequence[Tensor | None]) -> Tensor:
 def safe_ratio(numerator: Tensor, norm: Tensor) -> Tensor:
     """``numerator / norm`` where ``norm > 0``, else 0 (no NaN for a zero gradient).
 
-    >>> float(safe_ratio(1.0, 4.0)), float(safe_ratio(1.0, 0.0))
-    (0.25, 0.0)
+    Examples:
+        >>> float(safe_ratio(1.0, 4.0)), float(safe_ratio(1.0, 0.0))
+        (0.25, 0.0)
     """
     positive = ops.greater(norm, 0.0)
     return ops.where(positive, numerator / ops.where(positive, norm, 1.0), 0.0)
@@ -63,15 +65,16 @@ def dual_vector(
     Returns:
         A list of ε tensors (float32) aligned with ``grads``.
 
-    Example (SAM, then ASAM's T = |w| + η with w = (1, 2), η = 0):
+    Examples:
+        SAM, then ASAM's T = |w| + η with w = (1, 2), η = 0:
 
-    >>> from keras import ops
-    >>> g = [ops.array([3.0, 4.0]), None]
-    >>> [e if e is None else ops.convert_to_numpy(e).tolist() for e in dual_vector(g, 0.5)]
-    [[0.30000001192092896, 0.4000000059604645], None]
-    >>> eps = dual_vector([ops.array([1.0, 1.0])], 1.0, scales=[ops.array([1.0, 2.0])])
-    >>> [round(v, 4) for v in ops.convert_to_numpy(eps[0]).tolist()]
-    [0.4472, 1.7889]
+        >>> from keras import ops
+        >>> g = [ops.array([3.0, 4.0]), None]
+        >>> [e if e is None else ops.convert_to_numpy(e).tolist() for e in dual_vector(g, 0.5)]
+        [[0.30000001192092896, 0.4000000059604645], None]
+        >>> eps = dual_vector([ops.array([1.0, 1.0])], 1.0, scales=[ops.array([1.0, 2.0])])
+        >>> [round(v, 4) for v in ops.convert_to_numpy(eps[0]).tolist()]
+        [0.4472, 1.7889]
     """
     if scales is None:
         scales = [None] * len(grads)
@@ -87,11 +90,12 @@ def add_perturbation(
 ) -> list[Tensor]:
     """w + ε, in each variable's own dtype; ``None`` entries leave w unchanged.
 
-    >>> from keras import backend, ops
-    >>> w = [ops.array([1.0], "float16"), ops.array([2.0])]
-    >>> [(backend.standardize_dtype(v.dtype), float(v[0]))
-    ...  for v in add_perturbation(w, [ops.array([0.5]), None])]
-    [('float16', 1.5), ('float32', 2.0)]
+    Examples:
+        >>> from keras import backend, ops
+        >>> w = [ops.array([1.0], "float16"), ops.array([2.0])]
+        >>> [(backend.standardize_dtype(v.dtype), float(v[0]))
+        ...  for v in add_perturbation(w, [ops.array([0.5]), None])]
+        [('float16', 1.5), ('float32', 2.0)]
     """
     return [w if e is None else w + ops.cast(e, w.dtype) for w, e in zip(values, perturbation)]
 
@@ -99,9 +103,12 @@ def add_perturbation(
 def all_finite(tensors: Sequence[Tensor | None]) -> Tensor:
     """True when every entry of every non-``None`` tensor is finite.
 
-    >>> from keras import ops
-    >>> bool(all_finite([ops.array([1.0]), None])), bool(all_finite([ops.array([float("nan")])]))
-    (True, False)
+    Examples:
+        >>> from keras import ops
+        >>> bool(all_finite([ops.array([1.0]), None]))
+        True
+        >>> bool(all_finite([ops.array([float("nan")])]))
+        False
     """
     checks = [ops.all(ops.isfinite(t)) for t in tensors if t is not None]
     if not checks:
@@ -116,10 +123,11 @@ def _times(tensor: Tensor, scale: Tensor | None) -> Tensor:
 def inner_product(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> Tensor:
     """⟨a, b⟩ over all pairs where both entries are present, as a float32 scalar.
 
-    >>> from keras import ops
-    >>> a = [ops.array([1.0, 2.0]), None]
-    >>> float(inner_product(a, [ops.array([3.0, 4.0]), ops.array([1.0])]))
-    11.0
+    Examples:
+        >>> from keras import ops
+        >>> a = [ops.array([1.0, 2.0]), None]
+        >>> float(inner_product(a, [ops.array([3.0, 4.0]), ops.array([1.0])]))
+        11.0
     """
     products = [
         ops.sum(ops.cast(x, "float32") * ops.cast(y, "float32"))
@@ -145,10 +153,11 @@ def surrogate_gap_descent(
     g⊥ is the part of the clean gradient g orthogonal to the perturbed one g_s.
     Entries without g_s are ``None``; without g, g_s is returned.
 
-    >>> from keras import ops
-    >>> d = surrogate_gap_descent([ops.array([1.0, 1.0])], [ops.array([2.0, 0.0])], alpha=0.5)
-    >>> [round(v, 6) for v in ops.convert_to_numpy(d[0]).tolist()]
-    [2.0, -0.5]
+    Examples:
+        >>> from keras import ops
+        >>> d = surrogate_gap_descent([ops.array([1.0, 1.0])], [ops.array([2.0, 0.0])], alpha=0.5)
+        >>> [round(v, 6) for v in ops.convert_to_numpy(d[0]).tolist()]
+        [2.0, -0.5]
     """
     g_norm, s_norm = global_norm(grads), global_norm(sam_grads)
     cosine = inner_product(grads, sam_grads) / (s_norm * g_norm + 1e-12)
@@ -171,10 +180,11 @@ def orthogonal_unit(
 
     ĝ_v = 0 when g_v = 0. Entries missing in either list are ``None``.
 
-    >>> from keras import ops
-    >>> u = orthogonal_unit([ops.array([1.0, 1.0])], [ops.array([2.0, 0.0])])
-    >>> [round(v, 6) for v in ops.convert_to_numpy(u[0]).tolist()]
-    [0.0, 1.0]
+    Examples:
+        >>> from keras import ops
+        >>> u = orthogonal_unit([ops.array([1.0, 1.0])], [ops.array([2.0, 0.0])])
+        >>> [round(v, 6) for v in ops.convert_to_numpy(u[0]).tolist()]
+        [0.0, 1.0]
     """
     coefficient = inner_product(sam_grads, grads) / (ops.square(global_norm(grads)) + 1e-12)
     orthogonal = [
@@ -189,10 +199,11 @@ def multiply_sample_weight(sample_weight: Any, factor: Tensor) -> Any:
     """Sample weights times a per-sample ``factor`` (broadcast over trailing axes);
     ``factor`` itself when there are no sample weights.
 
-    >>> from keras import ops
-    >>> weighted = multiply_sample_weight(ops.ones((2, 3)), ops.array([1.0, 2.0]))
-    >>> ops.convert_to_numpy(weighted).tolist()
-    [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]
+    Examples:
+        >>> from keras import ops
+        >>> weighted = multiply_sample_weight(ops.ones((2, 3)), ops.array([1.0, 2.0]))
+        >>> ops.convert_to_numpy(weighted).tolist()
+        [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]
     """
 
     def times_factor(weight: Any) -> Tensor:

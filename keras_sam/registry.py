@@ -10,14 +10,15 @@ entry below, its reference test and its docs page.
 
 `get` is the Keras-style lookup (as `keras.optimizers.get`):
 
->>> import keras, keras_sam
->>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
->>> type(keras_sam.get("gsam", model, rho=0.1)).__name__
-'GSAM'
->>> keras_sam.get("sam-on", model).perturb
-'normalization'
->>> type(keras_sam.get("msam", learning_rate=0.1)).__name__
-'MSAM'
+Examples:
+    >>> import keras, keras_sam
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> type(keras_sam.get("gsam", model, rho=0.1)).__name__
+    'GSAM'
+    >>> keras_sam.get("sam-on", model).perturb
+    'normalization'
+    >>> type(keras_sam.get("msam", learning_rate=0.1)).__name__
+    'MSAM'
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def _frozen(mapping: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
 class Base:
     """A base optimizer methods are compared against.
 
-    >>> type(BASES["sgd"].make(0.1)).__name__
-    'SGD'
+    Examples:
+        >>> type(BASES["sgd"].make(0.1)).__name__
+        'SGD'
     """
 
     name: str
@@ -80,9 +82,10 @@ BASES: dict[str, Base] = {
 class Method:
     """One public method: a train-step wrapper or a Momentum-SAM optimizer.
 
-    >>> entry = METHODS["looksam"]
-    >>> entry.cls.__name__, entry.cost, dict(entry.hyperparameters)
-    ('LookSAM', '1 + 1/k', {'alpha': 0.7, 'k': 5})
+    Examples:
+        >>> entry = METHODS["looksam"]
+        >>> entry.cls.__name__, entry.cost, dict(entry.hyperparameters)
+        ('LookSAM', '1 + 1/k', {'alpha': 0.7, 'k': 5})
     """
 
     #: The lookup name (`get`, ``--methods`` of the demo and benchmarks).
@@ -133,11 +136,12 @@ class Method:
 
         ``rho`` defaults to `rho`; ``overrides`` replace `hyperparameters`.
 
-        >>> import keras
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> trainer, optimizer = METHODS["ksam"].build(model, learning_rate=0.05)
-        >>> trainer.k, type(optimizer).__name__
-        (0.25, 'SGD')
+        Examples:
+            >>> import keras
+            >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+            >>> trainer, optimizer = METHODS["ksam"].build(model, learning_rate=0.05)
+            >>> trainer.k, type(optimizer).__name__
+            (0.25, 'SGD')
         """
         return (
             self.make_trainer(model, rho, **overrides),
@@ -385,12 +389,11 @@ def get(identifier: Any, model: keras.Model | None = None, **hyperparameters: An
         ValueError: ``identifier`` names no method.
         TypeError: a wrapper without ``model``, or an optimizer with one.
 
-    Example:
-
-    >>> import keras, keras_sam
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> keras_sam.get("looksam", model, k=3).k
-    3
+    Examples:
+        >>> import keras, keras_sam
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> keras_sam.get("looksam", model, k=3).k
+        3
     """
     if isinstance(identifier, (keras.Model, keras.optimizers.Optimizer)):
         return identifier
@@ -423,8 +426,9 @@ def _lookup(identifier: Any) -> Method:
 def markdown_table() -> str:
     """The docs' table of methods (docs/concepts/choosing.md), from `METHODS`.
 
-    >>> print(markdown_table().splitlines()[2])
-    | SAM | [`SAM`][keras_sam.SAM] | 2 | 1 | Foret et al., ICLR 2021 (arXiv:2010.01412) |
+    Examples:
+        >>> print(markdown_table().splitlines()[2])
+        | SAM | [`SAM`][keras_sam.SAM] | 2 | 1 | Foret et al., ICLR 2021 (arXiv:2010.01412) |
     """
     rows = [
         "| method | class | ≈ step cost | extra memory (parameter copies) | reference |",

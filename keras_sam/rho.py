@@ -37,12 +37,13 @@ def validate_rho(rho: RhoLike, name: str = "rho") -> RhoLike:
         TypeError: if ``rho`` is neither a real number nor a callable.
         ValueError: if ``rho`` is negative, NaN or infinite.
 
-    >>> validate_rho(1)
-    1.0
-    >>> validate_rho(-0.1)
-    Traceback (most recent call last):
-    ...
-    ValueError: `rho` must be a finite number in [0, inf), got -0.1.
+    Examples:
+        >>> validate_rho(1)
+        1.0
+        >>> validate_rho(-0.1)
+        Traceback (most recent call last):
+        ...
+        ValueError: `rho` must be a finite number in [0, inf), got -0.1.
     """
     if isinstance(rho, numbers.Real):
         return check_real(rho, name, low=0.0)  # refuses bools too
@@ -60,11 +61,12 @@ def rho_at(rho: RhoLike, step: Any, learning_rate: Callable[[], Any] | None = No
     ``learning_rate`` returns the optimizer's current learning rate; it is called
     only for a `ProportionalToLearningRate` ρ.
 
-    >>> import keras
-    >>> float(rho_at(0.05, step=10))
-    0.05000000074505806
-    >>> float(rho_at(keras.optimizers.schedules.PiecewiseConstantDecay([5], [0.1, 0.2]), 10))
-    0.20000000298023224
+    Examples:
+        >>> import keras
+        >>> float(rho_at(0.05, step=10))
+        0.05000000074505806
+        >>> float(rho_at(keras.optimizers.schedules.PiecewiseConstantDecay([5], [0.1, 0.2]), 10))
+        0.20000000298023224
     """
     if isinstance(rho, ProportionalToLearningRate):
         if learning_rate is None:
@@ -99,11 +101,10 @@ class ProportionalToLearningRate:
         TypeError: an argument is not a real number.
         ValueError: a negative or non-finite value, or ``lr_min == lr_max``.
 
-    Example:
-
-    >>> rho = ProportionalToLearningRate(rho_max=0.04, rho_min=0.02, lr_max=1.6, lr_min=0.016)
-    >>> round(float(rho.at_learning_rate(0.808)), 4)
-    0.03
+    Examples:
+        >>> rho = ProportionalToLearningRate(rho_max=0.04, rho_min=0.02, lr_max=1.6, lr_min=0.016)
+        >>> round(float(rho.at_learning_rate(0.808)), 4)
+        0.03
 
     References:
         Zhuang, Gong, Yuan, Cui, Adam, Dvornek, Tatikonda, Duncan, Liu.
@@ -146,10 +147,11 @@ class ProportionalToLearningRate:
 def serialize_rho(rho: RhoLike) -> Any:
     """A config-friendly form of ``rho`` (floats stay floats).
 
-    >>> serialize_rho(0.05)
-    0.05
-    >>> serialize_rho(ProportionalToLearningRate(0.04, 0.02, 1.0, 0.1))["class_name"]
-    'ProportionalToLearningRate'
+    Examples:
+        >>> serialize_rho(0.05)
+        0.05
+        >>> serialize_rho(ProportionalToLearningRate(0.04, 0.02, 1.0, 0.1))["class_name"]
+        'ProportionalToLearningRate'
     """
     if isinstance(rho, float):
         return rho
@@ -159,9 +161,10 @@ def serialize_rho(rho: RhoLike) -> Any:
 def deserialize_rho(config: Any) -> RhoLike:
     """Inverse of `serialize_rho`.
 
-    >>> rho = ProportionalToLearningRate(0.04, 0.02, 1.0, 0.1)
-    >>> deserialize_rho(serialize_rho(rho)).get_config() == rho.get_config()
-    True
+    Examples:
+        >>> rho = ProportionalToLearningRate(0.04, 0.02, 1.0, 0.1)
+        >>> deserialize_rho(serialize_rho(rho)).get_config() == rho.get_config()
+        True
     """
     if isinstance(config, numbers.Real):
         return float(config)

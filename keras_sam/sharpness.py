@@ -91,14 +91,13 @@ def hessian_eigenvalues(
         ValueError: ``k`` or ``max_iters`` < 1, ``tol`` <= 0, empty data or a
             model without trainable variables.
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    >>> x, y = np.random.rand(64, 3), np.random.rand(64, 1)
-    >>> values = keras_sam.sharpness.hessian_eigenvalues(model, (x, y), "mse", k=3)
-    >>> len(values), bool(values[0] >= values[1] >= values[2] > 0)  # a convex loss
-    (3, True)
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        >>> x, y = np.random.rand(64, 3), np.random.rand(64, 1)
+        >>> values = keras_sam.sharpness.hessian_eigenvalues(model, (x, y), "mse", k=3)
+        >>> len(values), bool(values[0] >= values[1] >= values[2] > 0)  # a convex loss
+        (3, True)
     """
     k = check_int(k, "k", low=1)
     max_iters = check_int(max_iters, "max_iters", low=1)
@@ -134,15 +133,14 @@ def hessian_trace(
     Returns:
         The estimate (a float), or ``(estimate, standard_error)``.
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    >>> x, y = np.random.rand(64, 3), np.random.rand(64, 1)
-    >>> trace, error = keras_sam.sharpness.hessian_trace(model, (x, y), "mse",
-    ...                                                  return_std_error=True)
-    >>> bool(trace > 0 and error >= 0)
-    True
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        >>> x, y = np.random.rand(64, 3), np.random.rand(64, 1)
+        >>> trace, error = keras_sam.sharpness.hessian_trace(model, (x, y), "mse",
+        ...                                                  return_std_error=True)
+        >>> bool(trace > 0 and error >= 0)
+        True
     """
     samples = check_int(samples, "samples", low=1)
     objective = _Objective(model, data, loss, batch_size)
@@ -190,14 +188,14 @@ def worst_case_sharpness(
     Returns:
         The mean sharpness over chunks (a float).
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    >>> x, y = np.random.rand(64, 3), np.random.rand(64, 1)
-    >>> sharpness = keras_sam.sharpness.worst_case_sharpness(model, (x, y), "mse", rho=0.05, m=16)
-    >>> bool(sharpness > 0)
-    True
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        >>> x, y = np.random.rand(64, 3), np.random.rand(64, 1)
+        >>> sharpness = keras_sam.sharpness.worst_case_sharpness(
+        ...     model, (x, y), "mse", rho=0.05, m=16)
+        >>> bool(sharpness > 0)
+        True
     """
     rho = check_real(rho, "rho", low=0.0)
     steps = check_int(steps, "steps", low=1)
@@ -240,14 +238,13 @@ def average_sharpness(
     Returns:
         The mean loss increase (a float).
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    >>> x, y = np.random.rand(64, 3), np.random.rand(64, 1)
-    >>> increase = keras_sam.sharpness.average_sharpness(model, (x, y), "mse", sigma=0.01)
-    >>> isinstance(increase, float)
-    True
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        >>> x, y = np.random.rand(64, 3), np.random.rand(64, 1)
+        >>> increase = keras_sam.sharpness.average_sharpness(model, (x, y), "mse", sigma=0.01)
+        >>> isinstance(increase, float)
+        True
     """
     sigma = check_real(sigma, "sigma", low=0.0)
     samples = check_int(samples, "samples", low=1)
@@ -302,15 +299,14 @@ def loss_landscape(
         (shape ``(points,)`` or ``(points, points)``, indexed [alpha, beta]),
         for `plot_landscape`.
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    >>> x, y = np.random.rand(64, 3), np.random.rand(64, 1)
-    >>> result = keras_sam.sharpness.loss_landscape(model, (x, y), "mse", directions=2,
-    ...                                             points=5)
-    >>> result["losses"].shape
-    (5, 5)
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        >>> x, y = np.random.rand(64, 3), np.random.rand(64, 1)
+        >>> result = keras_sam.sharpness.loss_landscape(model, (x, y), "mse", directions=2,
+        ...                                             points=5)
+        >>> result["losses"].shape
+        (5, 5)
     """
     span = check_real(span, "span", low=0.0, low_open=True)
     points = check_int(points, "points", low=2)
@@ -345,15 +341,14 @@ def plot_landscape(result: dict[str, Any], ax: Any = None) -> Any:
     Returns:
         The ``Axes``.
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    >>> x, y = np.random.rand(64, 3), np.random.rand(64, 1)
-    >>> result = keras_sam.sharpness.loss_landscape(model, (x, y), "mse", points=5)
-    >>> ax = keras_sam.sharpness.plot_landscape(result)
-    >>> ax.get_xlabel()
-    'α'
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        >>> x, y = np.random.rand(64, 3), np.random.rand(64, 1)
+        >>> result = keras_sam.sharpness.loss_landscape(model, (x, y), "mse", points=5)
+        >>> ax = keras_sam.sharpness.plot_landscape(result)
+        >>> ax.get_xlabel()
+        'α'
     """
     import matplotlib.pyplot as plt  # optional dependency, needed only here
 
@@ -423,7 +418,7 @@ class _Objective:
 
     def _total(self, fn: Callable, *flats: np.ndarray) -> Any:
         args = [self._tensors(f) for f in flats]
-        total = None
+        total: Any = None
         for x, y, sample_weight in self.batches:
             out = fn(*args, x, y, sample_weight)
             out = (

@@ -38,10 +38,9 @@ def check_real(
         TypeError: ``value`` is not a real number.
         ValueError: ``value`` is NaN, infinite or out of range.
 
-    Example:
-
-    >>> check_real(0.5, "gamma", low=0.0, high=1.0, high_open=True)
-    0.5
+    Examples:
+        >>> check_real(0.5, "gamma", low=0.0, high=1.0, high_open=True)
+        0.5
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a float, got {type(value).__name__}.")
@@ -61,10 +60,9 @@ def check_int(value: Any, name: str, *, low: int | None = None) -> int:
         TypeError: ``value`` is not an integer (bools are refused).
         ValueError: ``value`` is below ``low``.
 
-    Example:
-
-    >>> check_int(5, "k", low=1)
-    5
+    Examples:
+        >>> check_int(5, "k", low=1)
+        5
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
@@ -82,12 +80,11 @@ def check_count_or_fraction(value: Any, name: str, *, min_count: int, what: str)
         TypeError: ``value`` is not a real number (bools are refused).
         ValueError: the count or the fraction is out of range.
 
-    Example:
-
-    >>> check_count_or_fraction(0.25, "k", min_count=1, what="the batch")
-    0.25
-    >>> check_count_or_fraction(8, "k", min_count=1, what="the batch")
-    8
+    Examples:
+        >>> check_count_or_fraction(0.25, "k", min_count=1, what="the batch")
+        0.25
+        >>> check_count_or_fraction(8, "k", min_count=1, what="the batch")
+        8
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
@@ -105,10 +102,9 @@ def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
     Raises:
         ValueError: otherwise.
 
-    Example:
-
-    >>> check_choice("joint", "radius", ("joint", "per_layer"))
-    'joint'
+    Examples:
+        >>> check_choice("joint", "radius", ("joint", "per_layer"))
+        'joint'
     """
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")

@@ -63,4 +63,31 @@ def check_supported(what: Any) -> None:
         )
 
 
-__all__ = ["FUNCTIONS", "SUPPORTED_BACKENDS", "check_supported", "loss_scale", *FUNCTIONS]
+__all__ = [
+    "FUNCTIONS",
+    "SUPPORTED_BACKENDS",
+    "all_reduce_sum",
+    "apply_gradients",
+    "apply_if_finite",
+    "builds_model_in_first_step",
+    "check_supported",
+    "compiles_inside_step",
+    "cross_replica_call",
+    "dispatched_train_function",
+    "forward_and_gradients",
+    "forward_and_sample_scores",
+    "forward_gradients_and_sample_scores",
+    "function",
+    "gradient",
+    "hessian_vector_product",
+    "is_multi_worker",
+    "loss_scale",
+    "num_replicas",
+    "snapshot",
+    "stateful_train_step",
+    "stateless_gradients",
+    "stateless_sample_scores",
+    "stateless_uniform",
+    "update_variable",
+    "xla_compiled",
+]

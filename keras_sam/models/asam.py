@@ -43,17 +43,16 @@ class ASAM(SharpnessAwareTrainer):
         TypeError: ``model`` not a `keras.Model`; ``rho`` or ``eta`` of a wrong type.
         ValueError: ``rho`` or ``eta`` negative, NaN or infinite.
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> trainer = keras_sam.ASAM(model, rho=0.5, eta=0.01)
-    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
-    ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
-    >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
-    >>> len(history.history["loss"])
-    2
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> trainer = keras_sam.ASAM(model, rho=0.5, eta=0.01)
+        >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+        >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        >>> len(history.history["loss"])
+        2
 
     References:
         Kwon, Kim, Park, Choi. ASAM: Adaptive Sharpness-Aware Minimization for

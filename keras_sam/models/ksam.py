@@ -57,19 +57,18 @@ class KSAM(SharpnessAwareTrainer):
         TypeError: ``model`` not a `keras.Model`; ``k`` neither int nor float.
         ValueError: ``k`` a float outside (0, 1] or an int < 1; bad ``rho``.
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> trainer = keras_sam.KSAM(model, rho=0.05, k=0.25)
-    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
-    ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
-    >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
-    >>> len(history.history["loss"])
-    2
-    >>> trainer.num_samples(8)  # samples per batch of 8 in both passes
-    2
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> trainer = keras_sam.KSAM(model, rho=0.05, k=0.25)
+        >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+        >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        >>> len(history.history["loss"])
+        2
+        >>> trainer.num_samples(8)  # samples per batch of 8 in both passes
+        2
 
     References:
         Ni, Chiang, Geiping, Goldblum, Wilson, Goldstein. K-SAM:

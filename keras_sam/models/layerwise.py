@@ -131,19 +131,18 @@ class LayerwiseSAM(SharpnessAwareTrainer):
             naming a layer that is not in ``model``, has no trainable variables
             or overlaps another; no candidate layer at all; bad ``rho``.
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> trainer = keras_sam.LayerwiseSAM(model, rho=0.05, num_layers=1, layers=None)
-    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
-    ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
-    >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
-    >>> len(history.history["loss"])
-    2
-    >>> trainer.selected_layers  # the layers perturbed at the next step
-    ['dense']
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> trainer = keras_sam.LayerwiseSAM(model, rho=0.05, num_layers=1, layers=None)
+        >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+        >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        >>> len(history.history["loss"])
+        2
+        >>> trainer.selected_layers  # the layers perturbed at the next step
+        ['dense']
 
     References:
         Sunwoo Lee. Layer-wise Adaptive Gradient Norm Penalizing Method for

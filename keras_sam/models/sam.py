@@ -36,17 +36,16 @@ class SAM(SharpnessAwareTrainer):
         TypeError: ``model`` is not a `keras.Model`, or ``rho`` has a wrong type.
         ValueError: ``rho`` negative, NaN or infinite; unknown ``perturbation_scope``.
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> trainer = keras_sam.SAM(model, rho=0.05)
-    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
-    ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
-    >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
-    >>> len(history.history["loss"])
-    2
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> trainer = keras_sam.SAM(model, rho=0.05)
+        >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+        >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        >>> len(history.history["loss"])
+        2
 
     References:
         Foret, Kleiner, Mobahi, Neyshabur. Sharpness-Aware Minimization for

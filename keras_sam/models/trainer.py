@@ -29,7 +29,7 @@ import contextlib
 import functools
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import keras
 from keras import ops
@@ -125,17 +125,18 @@ class SharpnessAwareTrainer(ModelWrapper):
         ValueError: ``rho`` negative or not finite; unknown
             ``perturbation_scope`` or ``perturb``; ``num_batch_splits`` < 1.
 
-    Example: a new method overrides a hook; here ε follows the gradient's signs.
+    Examples:
+        A new method overrides a hook; here ε follows the gradient's signs.
 
-    >>> import keras, numpy as np, keras_sam
-    >>> class SignSAM(keras_sam.SharpnessAwareTrainer):
-    ...     def perturbation(self, grads, variables):  # only ε differs from SAM
-    ...         signs = [None if g is None else keras.ops.sign(g) for g in grads]
-    ...         return keras_sam.ops.dual_vector(signs, self.current_rho())
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-    >>> trainer = SignSAM(model, rho=0.05)
-    >>> trainer.compile(optimizer="sgd", loss="mse")
-    >>> history = trainer.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
+        >>> import keras, numpy as np, keras_sam
+        >>> class SignSAM(keras_sam.SharpnessAwareTrainer):
+        ...     def perturbation(self, grads, variables):  # only ε differs from SAM
+        ...         signs = [None if g is None else keras.ops.sign(g) for g in grads]
+        ...         return keras_sam.ops.dual_vector(signs, self.current_rho())
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        >>> trainer = SignSAM(model, rho=0.05)
+        >>> trainer.compile(optimizer="sgd", loss="mse")
+        >>> history = trainer.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
 
     References:
         Foret, Kleiner, Mobahi, Neyshabur. Sharpness-Aware Minimization for
@@ -151,6 +152,8 @@ class SharpnessAwareTrainer(ModelWrapper):
     #: perturbed (GSAM, LookSAM, WSAM combine it with the perturbed gradient).
     #: When False the clean backward skips their weight gradients.
     uses_clean_gradient: bool = False
+    #: Keras' train function (set by `make_train_function`).
+    train_function: Any
 
     def __init__(
         self,
@@ -177,8 +180,9 @@ class SharpnessAwareTrainer(ModelWrapper):
         self.perturbation_scope = perturbation_scope
         self.perturb = perturb
         self.num_batch_splits = num_batch_splits
-        self._ascent_step = self.ascent  # XLA-compiled under MirroredStrategy (see below)
-        self._perturbed_step = self._perturbed_gradients
+        # XLA-compiled under MirroredStrategy (see `make_train_function`).
+        self._ascent_step: Callable[..., Ascent] = self.ascent
+        self._perturbed_step: Callable[..., list] = self._perturbed_gradients
 
     # ------------------------------------------------------------------ XLA, variants
     def make_train_function(self, force: bool = False) -> Any:
@@ -275,7 +279,7 @@ class SharpnessAwareTrainer(ModelWrapper):
     def _optimizer_steps(self, read: Callable) -> int:
         """``optimizer.iterations`` (the steps taken, counting accumulated micro-batches
         as one) read through ``read``, for which it must be a variable."""
-        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        optimizer: Any = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         count = int(read(internals.iterations_variable(optimizer)))
         accumulation = optimizer.gradient_accumulation_steps
         return count // accumulation if accumulation else count
@@ -406,7 +410,8 @@ class SharpnessAwareTrainer(ModelWrapper):
                 for v in layer.trainable_variables
             }
             return [id(v) in chosen for v in variables]
-        return [bool(self.perturb(v)) for v in variables]
+        predicate = cast(Callable[[Any], bool], self.perturb)
+        return [bool(predicate(v)) for v in variables]
 
     def current_rho(self) -> Any:
         """ρ at the optimizer's current step (a float32 scalar)."""
@@ -539,9 +544,9 @@ def _average(descents: list[tuple[Descent, Any]]) -> Descent:
             for column in zip(*per_part)
         ]
 
-    decoupled = None
+    decoupled: list | None = None
     if descents[0][0].decoupled is not None:
-        decoupled = weighted([d.decoupled for d, _ in descents])
+        decoupled = weighted([d.decoupled or [] for d, _ in descents])
     return Descent(weighted([d.grads for d, _ in descents]), decoupled)
 
 

@@ -37,18 +37,20 @@ class ModelWrapper(keras.Model):
     Raises:
         TypeError: if ``model`` is not a `keras.Model`.
 
-    Example: Momentum-SAM under MultiWorkerMirroredStrategy (whose plain `fit`
-    fails in Keras 3.15) builds the model inside the strategy's scope and trains
-    ``ModelWrapper(model)``; without a strategy it trains exactly as the model:
+    Examples:
+        Momentum-SAM under MultiWorkerMirroredStrategy (whose plain `fit`
 
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-    >>> trainer = keras_sam.models.ModelWrapper(model)
-    >>> trainer.compile(optimizer=keras_sam.optimizers.MSAM(0.05, rho=0.3), loss="mse")
-    >>> history = trainer.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0,
-    ...                       callbacks=[keras_sam.callbacks.MSAMCallback()])
-    >>> trainer.model is model
-    True
+        fails in Keras 3.15) builds the model inside the strategy's scope and trains
+        ``ModelWrapper(model)``; without a strategy it trains exactly as the model:
+
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        >>> trainer = keras_sam.models.ModelWrapper(model)
+        >>> trainer.compile(optimizer=keras_sam.optimizers.MSAM(0.05, rho=0.3), loss="mse")
+        >>> history = trainer.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0,
+        ...                       callbacks=[keras_sam.callbacks.MSAMCallback()])
+        >>> trainer.model is model
+        True
     """
 
     def __init__(self, model: keras.Model, **kwargs: Any) -> None:

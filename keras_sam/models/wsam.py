@@ -49,17 +49,16 @@ class WSAM(SharpnessAwareTrainer):
         TypeError: ``model`` not a `keras.Model`; ``gamma`` not a number.
         ValueError: ``gamma`` outside [0, 1); bad ``rho``.
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> trainer = keras_sam.WSAM(model, rho=0.05, gamma=0.9)
-    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
-    ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
-    >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
-    >>> len(history.history["loss"])
-    2
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> trainer = keras_sam.WSAM(model, rho=0.05, gamma=0.9)
+        >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+        >>> history = trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        >>> len(history.history["loss"])
+        2
 
     References:
         Yue, Jiang, Ye, Gao, Liu, Zhang. Sharpness-Aware Minimization

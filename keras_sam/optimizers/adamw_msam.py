@@ -55,18 +55,19 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
             ``rho`` or ``weight_decay`` is negative, NaN or infinite.
         TypeError: if an argument has the wrong type.
 
-    Example: ρ switched on after a warm-up.
+    Examples:
+        ρ switched on after a warm-up:
 
-    >>> import keras, numpy as np, keras_sam
-    >>> rho = keras.optimizers.schedules.PiecewiseConstantDecay([4], [0.0, 1.0])
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> model.compile(optimizer=keras_sam.optimizers.AdamWMSAM(1e-3, rho=rho, weight_decay=0.1),
-    ...               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
-    >>> history = model.fit(x, y, batch_size=8, epochs=2, validation_split=0.25, verbose=0,
-    ...                     callbacks=[keras_sam.callbacks.MSAMCallback()])
-    >>> len(history.history["val_loss"])
-    2
+        >>> import keras, numpy as np, keras_sam
+        >>> rho = keras.optimizers.schedules.PiecewiseConstantDecay([4], [0.0, 1.0])
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> model.compile(optimizer=keras_sam.optimizers.AdamWMSAM(1e-3, rho=rho, weight_decay=0.1),
+        ...               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+        >>> history = model.fit(x, y, batch_size=8, epochs=2, validation_split=0.25, verbose=0,
+        ...                     callbacks=[keras_sam.callbacks.MSAMCallback()])
+        >>> len(history.history["val_loss"])
+        2
 
     References:
         Becker, Altrock, Risse, "Momentum-SAM: Sharpness Aware Minimization without

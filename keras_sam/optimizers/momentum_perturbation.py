@@ -72,12 +72,13 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         TypeError: ``rho`` or ``weight_decay`` of a wrong type.
         ValueError: ``rho`` or ``weight_decay`` negative, NaN or infinite.
 
-    Example: the flavours are the usable classes.
+    Examples:
+        The flavours are the usable classes:
 
-    >>> import keras_sam
-    >>> optimizer = keras_sam.optimizers.MSAM(learning_rate=0.1, momentum=0.9, rho=0.3)
-    >>> isinstance(optimizer, keras_sam.optimizers.MomentumPerturbationOptimizer)
-    True
+        >>> import keras_sam
+        >>> optimizer = keras_sam.optimizers.MSAM(learning_rate=0.1, momentum=0.9, rho=0.3)
+        >>> isinstance(optimizer, keras_sam.optimizers.MomentumPerturbationOptimizer)
+        True
 
     References:
         Becker, Altrock, Risse. Momentum-SAM: Sharpness Aware Minimization without

@@ -69,20 +69,19 @@ class MSAM(MomentumPerturbationOptimizer):
             negative, NaN or infinite, or ``weight_decay`` is negative.
         TypeError: if an argument has the wrong type (e.g. a string ``rho``).
 
-    Example:
-
-    >>> import keras, numpy as np, keras_sam
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> model.compile(
-    ...     optimizer=keras_sam.optimizers.MSAM(learning_rate=0.1, momentum=0.9, rho=0.3),
-    ...     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    ...     metrics=["accuracy"],
-    ... )
-    >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
-    >>> history = model.fit(x, y, batch_size=8, epochs=2, validation_split=0.25, verbose=0,
-    ...                     callbacks=[keras_sam.callbacks.MSAMCallback()])
-    >>> sorted(history.history)
-    ['accuracy', 'loss', 'val_accuracy', 'val_loss']
+    Examples:
+        >>> import keras, numpy as np, keras_sam
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> model.compile(
+        ...     optimizer=keras_sam.optimizers.MSAM(learning_rate=0.1, momentum=0.9, rho=0.3),
+        ...     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        ...     metrics=["accuracy"],
+        ... )
+        >>> x, y = np.random.rand(32, 4), np.random.randint(0, 3, 32)
+        >>> history = model.fit(x, y, batch_size=8, epochs=2, validation_split=0.25, verbose=0,
+        ...                     callbacks=[keras_sam.callbacks.MSAMCallback()])
+        >>> sorted(history.history)
+        ['accuracy', 'loss', 'val_accuracy', 'val_loss']
 
     References:
         Becker, Altrock, Risse, "Momentum-SAM: Sharpness Aware Minimization without

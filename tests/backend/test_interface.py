@@ -94,3 +94,10 @@ def test_no_backend_library_outside_the_backend_package(path):
         assert module.split(".")[0] not in BACKEND_LIBRARIES, f"{path.name} imports {module}"
         assert not module.startswith("keras_sam.backend."), f"{path.name} imports {module}"
         assert not module.startswith("keras.src"), f"{path.name} imports {module}"
+
+
+def test_the_package_exports_exactly_the_interface():
+    from keras_sam import backend
+
+    exported = set(backend.__all__) - {"FUNCTIONS", "SUPPORTED_BACKENDS", "check_supported"}
+    assert exported == {*interface.FUNCTIONS, "loss_scale"}
