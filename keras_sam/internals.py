@@ -13,6 +13,7 @@ Each function says what it reaches and why no public API does the job.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -103,6 +104,35 @@ def train_step_replaced(model: keras.Model, step: Callable) -> Iterator[None]:
         yield
     finally:
         del model.train_step
+
+
+# --------------------------------------------------------------------------- BatchNorm
+@contextlib.contextmanager
+def batchnorm_moments_replaced(model: keras.Model, moments: Callable) -> Iterator[None]:
+    """Inside, every BatchNormalization layer of ``model`` computes the batch moments
+    it normalizes with (in training mode) as ``moments(layer, inputs, mask, default)``
+    (``BatchNormalization._moments``; ``default(inputs, mask)`` is Keras' own).
+    """
+    layers = [
+        layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+    def replacement(layer: keras.layers.BatchNormalization) -> Callable:
+        default = functools.partial(type(layer)._moments, layer)
+        return lambda inputs, mask: moments(layer, inputs, mask, default)
+
+    for layer in layers:  # plain attributes: no Keras tracking, no state lock
+        object.__setattr__(layer, "_moments", replacement(layer))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            object.__delattr__(layer, "_moments")
+
+
+def batchnorm_reduction_axes(layer: keras.layers.BatchNormalization) -> list[int]:
+    """The axes a BatchNormalization layer reduces over (``_reduction_axes``)."""
+    return list(layer._reduction_axes)
 
 
 # --------------------------------------------------------------------------- variables
@@ -222,6 +252,11 @@ def _required() -> list[tuple[str, Callable[[], bool]]]:
             del model.train_step
         return bool(ran)
 
+    def batchnorm_axes() -> bool:
+        layer = keras.layers.BatchNormalization()
+        layer.build((2, 3))
+        return hasattr(layer, "_reduction_axes")
+
     def keyword_args() -> bool:
         return isinstance(base_optimizer_keyword_args(), str)
 
@@ -231,6 +266,8 @@ def _required() -> list[tuple[str, Callable[[], bool]]]:
 
     checks = [
         ("Layer._flatten_layers", has(keras.layers.Layer, "_flatten_layers")),
+        ("BatchNormalization._moments", has(keras.layers.BatchNormalization, "_moments")),
+        ("BatchNormalization._reduction_axes", batchnorm_axes),
         ("Layer._seed_generators", lambda: hasattr(keras.layers.Dropout(0.5), "_seed_generators")),
         ("keras.src.utils.tracking.DotNotTrackScope", untracked_scope),
         ("Trainer._symbolic_build", has(keras.Model, "_symbolic_build")),

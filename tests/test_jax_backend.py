@@ -44,6 +44,7 @@ JAX_TESTS = [
     "tests/test_contract.py",
     "tests/test_hardening.py",
     "tests/test_sharpness.py",
+    "tests/test_batchnorm.py",
 ]
 #: ``jit_compile=False`` variants are left out: on JAX they run eagerly, op by op, which
 #: costs minutes and exercises no backend code the compiled run does not.

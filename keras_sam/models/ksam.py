@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import ops, tree
 
-from keras_sam import backend
+from keras_sam import backend, batchnorm
 from keras_sam import rho as rho_lib
 from keras_sam.models.trainer import Ascent, SharpnessAwareTrainer
 from keras_sam.validation import check_count_or_fraction
@@ -32,9 +32,12 @@ class KSAM(SharpnessAwareTrainer):
 
     Samples are ranked by the loss actually optimized (sample and class weights,
     loss weights of every output included). The two k-sample passes never update
-    BatchNorm statistics; in training mode they normalize with the statistics of
-    the k chosen samples, which is inherent to the method. With k = |B| this is
-    SAM; with ρ = 0 it is the base optimizer on the top-k samples.
+    BatchNorm statistics, and they normalize with the statistics of the whole
+    batch, taken from the ranking pass: the k chosen samples (often a handful,
+    all of them the hardest) would otherwise be normalized among themselves, and
+    the gradient would be that of a different network. (This choice is ours; the
+    paper does not discuss BatchNorm.) With k = |B| this is SAM; with ρ = 0 it is
+    the base optimizer on the top-k samples.
 
     Cost, counting a backward as two forwards: F + 6Fκ against SGD's 3F and SAM's
     6F (κ = k/|B|), so ≈ 1/3 + 2κ times the base optimizer.
@@ -88,15 +91,20 @@ class KSAM(SharpnessAwareTrainer):
         self.k = check_count_or_fraction(k, "k", min_count=1, what="the batch")
 
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
-        loss, y_pred, scores = backend.forward_and_sample_scores(self, x, y, sample_weight)
-        _, chosen = ops.top_k(scores, self.num_samples(ops.shape(scores)[0]))
+        """The ranking pass on the whole batch, then the ascent gradient on the top k."""
+        with batchnorm.record(self.model) as recorded:
+            loss, y_pred, scores = backend.forward_and_sample_scores(self, x, y, sample_weight)
+        batch_size = ops.shape(scores)[0]
+        _, chosen = ops.top_k(scores, self.num_samples(batch_size))
         chosen = ops.sort(chosen)  # batch order: with k = |B| the batch is unchanged
+        moments = batchnorm.rest_of_batch(recorded, chosen, batch_size)
         batch = tree.map_structure(
             lambda t: None if t is None else ops.take(t, chosen, axis=0), (x, y, sample_weight)
         )
         weights = [v.value for v in self.trainable_variables]
-        _, grads = backend.stateless_gradients(self, weights, state_before, *batch)
-        return Ascent(loss, y_pred, grads, batch)
+        with self.batch_statistics(moments):
+            _, grads = backend.stateless_gradients(self, weights, state_before, *batch)
+        return Ascent(loss, y_pred, grads, batch, batch_moments=moments)
 
     def num_chosen(self, batch_size: Any) -> Any:
         """The former name of `num_samples`, kept working."""

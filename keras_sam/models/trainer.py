@@ -34,7 +34,7 @@ from typing import Any, NamedTuple, cast
 import keras
 from keras import ops
 
-from keras_sam import backend, internals
+from keras_sam import backend, batchnorm, internals
 from keras_sam import rho as rho_lib
 from keras_sam.models.wrapper import ModelWrapper
 from keras_sam.ops import add_perturbation, all_finite, dual_vector
@@ -63,6 +63,9 @@ class Ascent(NamedTuple):
         batch: ``(x, y, sample_weight)`` the perturbed gradient is taken on.
         scores: per-sample scores of the clean pass (``None`` unless a variant
             asks for them, see `keras_sam.ESAM`).
+        batch_moments: the whole batch's BatchNorm statistics for the stateless
+            passes on ``batch``, a subset of it (`keras_sam.batchnorm.rest_of_batch`;
+            ``None``: they use their own batch's; see `keras_sam.KSAM`).
     """
 
     loss: Any
@@ -70,6 +73,7 @@ class Ascent(NamedTuple):
     grads: list
     batch: tuple
     scores: Any = None
+    batch_moments: list | None = None
 
 
 class Descent(NamedTuple):
@@ -342,9 +346,20 @@ class SharpnessAwareTrainer(ModelWrapper):
             grads = backend.all_reduce_sum(grads)
         return ascent.y_pred, self.descent(ascent, grads, state_before)
 
-    def _perturbed_gradients(self, perturbed: list, state_before: list, batch: tuple) -> list:
-        grads = backend.stateless_gradients(self, perturbed, state_before, *batch)[1]
+    def _perturbed_gradients(
+        self, perturbed: list, state_before: list, batch: tuple, batch_moments: list | None
+    ) -> list:
+        with self.batch_statistics(batch_moments):
+            grads = backend.stateless_gradients(self, perturbed, state_before, *batch)[1]
         return _unscale(grads, backend.loss_scale(self.optimizer))
+
+    def batch_statistics(self, batch_moments: list | None) -> Any:
+        """A scope in which BatchNormalization normalizes a subset of the batch with
+        the whole batch's statistics (`keras_sam.batchnorm.replay`); no change when
+        ``batch_moments`` is ``None``."""
+        if batch_moments is None:
+            return contextlib.nullcontext()
+        return batchnorm.replay(self.model, batch_moments)
 
     # ------------------------------------------------------------------ hooks
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
@@ -396,7 +411,7 @@ class SharpnessAwareTrainer(ModelWrapper):
     def perturbed_gradients(self, ascent: Ascent, epsilon: list, state_before: list) -> list:
         """The unscaled float32 gradient at w + ε on the ascent's batch (stateless)."""
         perturbed = add_perturbation([v.value for v in self.trainable_variables], epsilon)
-        return self._perturbed_step(perturbed, state_before, ascent.batch)
+        return self._perturbed_step(perturbed, state_before, ascent.batch, ascent.batch_moments)
 
     def perturbed_mask(self, variables: Sequence[Any]) -> list[bool]:
         """Per variable, whether ``perturb`` lets it be perturbed."""

@@ -60,7 +60,7 @@ import jax
 import keras
 from keras import ops, tree
 
-from keras_sam import internals
+from keras_sam import batchnorm, internals
 from keras_sam.backend import common
 from keras_sam.backend.common import (
     builds_model_in_first_step,
@@ -331,15 +331,31 @@ def _clean_value_and_grad(
         loss, y_pred, ntv, mv = _pure_loss(
             trainer, values, non_trainable, metrics, x, y, sample_weight
         )
-        return trainer.optimizer.scale_loss(loss), (loss, y_pred, ntv, mv)
+        return trainer.optimizer.scale_loss(loss), (loss, y_pred, ntv, mv, _recorded_moments())
 
     def run() -> tuple:
-        (_, (loss, y_pred, ntv, mv)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (_, (loss, y_pred, ntv, mv, moments)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             [trainable[p] for p in positions]
         )
+        _escape_moments(moments)
         return loss, y_pred, ntv, mv, list(grads)
 
     return run
+
+
+def _recorded_moments() -> list:
+    """The BatchNorm statistics recorded so far (`keras_sam.batchnorm.record`),
+    returned by a transformed loss function so that they escape the transformation."""
+    record = batchnorm.being_recorded()
+    return [] if record is None else list(record)
+
+
+def _escape_moments(moments: list) -> None:
+    """Replaces the recorded statistics (tracers of a finished transformation) by the
+    values the transformation returned."""
+    record = batchnorm.being_recorded()
+    if record is not None:
+        record[:] = tree.map_structure(jax.lax.stop_gradient, moments)
 
 
 def _positions(trainer: Any, wrt: Sequence[Any]) -> list[int]:
@@ -381,11 +397,12 @@ def forward_and_sample_scores(
         loss, y_pred, ntv, mv = _pure_loss(
             trainer, trainable, non_trainable, metrics, x, y, weighted
         )
-        return loss, (y_pred, ntv, mv)
+        return loss, (y_pred, ntv, mv, _recorded_moments())
 
-    (loss, (y_pred, ntv, mv)), scores = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (y_pred, ntv, mv, moments)), scores = jax.value_and_grad(loss_fn, has_aux=True)(
         ops.ones((batch_size,), "float32")
     )
+    _escape_moments(moments)
     _commit_clean_state(trainer, ntv, mv)
     return loss, y_pred, scores
 
@@ -405,11 +422,12 @@ def forward_gradients_and_sample_scores(
             values[position] = value
         weighted = multiply_sample_weight(sample_weight, unit)
         loss, y_pred, ntv, mv = _pure_loss(trainer, values, non_trainable, metrics, x, y, weighted)
-        return trainer.optimizer.scale_loss(loss), (loss, y_pred, ntv, mv)
+        return trainer.optimizer.scale_loss(loss), (loss, y_pred, ntv, mv, _recorded_moments())
 
-    (_, (loss, y_pred, ntv, mv)), (grads, scores) = jax.value_and_grad(
+    (_, (loss, y_pred, ntv, mv, moments)), (grads, scores) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True
     )([trainable[p] for p in positions], ops.ones((batch_size,), "float32"))
+    _escape_moments(moments)
     _commit_clean_state(trainer, ntv, mv)
     return loss, y_pred, list(grads), scores / loss_scale(trainer.optimizer)
 
