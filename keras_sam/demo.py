@@ -43,7 +43,9 @@ def _label(name: str) -> str:
     if name in registry.BASES:
         return f"{registry.BASES[name].title} (base)"
     entry = registry.METHODS[name]
-    return f"{entry.title} rho={entry.rho:g}" + (f", {entry.options}" if entry.options else "")
+    options = {**entry.preset, **entry.hyperparameters, **entry.demo}
+    text = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    return f"{entry.title} rho={entry.rho:g}" + (f", {text}" if text else "")
 
 
 def _base(name: str) -> str:
@@ -53,7 +55,8 @@ def _base(name: str) -> str:
 def _build(name: str, model: keras.Model, learning_rate: Any) -> tuple:
     if name in registry.BASES:
         return model, registry.BASES[name].make(learning_rate)
-    return registry.METHODS[name].build(model, learning_rate)
+    entry = registry.METHODS[name]
+    return entry.build(model, learning_rate, **entry.demo)
 
 
 def _callbacks(name: str, data: Any) -> list:
