@@ -347,7 +347,11 @@ class SharpnessAwareTrainer(ModelWrapper):
         return ascent.y_pred, self.descent(ascent, grads, state_before)
 
     def _perturbed_gradients(
-        self, perturbed: list, state_before: list, batch: tuple, batch_moments: list | None
+        self,
+        perturbed: list,
+        state_before: list,
+        batch: tuple,
+        batch_moments: list | None = None,
     ) -> list:
         with self.batch_statistics(batch_moments):
             grads = backend.stateless_gradients(self, perturbed, state_before, *batch)[1]
