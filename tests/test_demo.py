@@ -1,5 +1,7 @@
 """The main job runs end to end and reports sensible numbers."""
 
+import logging
+
 import numpy as np
 
 from keras_sam import demo
@@ -13,12 +15,16 @@ def test_label_noise_flips_the_requested_fraction():
     assert noisy.min() >= 0 and noisy.max() <= 9
 
 
-def test_demo_trains_and_prints_the_table(tmp_path, capsys):
+def test_demo_trains_and_prints_the_table(tmp_path, capsys, caplog):
+    """The default methods (7 runs with their bases), with no retracing warning:
+    TensorFlow warns once a function has been traced more than 5 times."""
     plot_path = tmp_path / "demo.png"
-    results = demo.main(
-        ["--methods", "sam", "msam", "--epochs", "2", "--quiet", "--plot", str(plot_path)]
-    )
-    assert [r["name"] for r in results] == ["sgd", "sam", "msam"]
+    with caplog.at_level(logging.WARNING):
+        results = demo.main(["--epochs", "2", "--quiet", "--plot", str(plot_path)])
+    assert [r["name"] for r in results] == [
+        "sgd", "adamw", "sam", "asam", "ksam", "layerwise", "msam", "adamw-msam"
+    ]
+    assert "retracing" not in caplog.text
     for r in results:
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["step_time"] > 0

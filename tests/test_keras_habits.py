@@ -1,4 +1,4 @@
-"""Keras habits that must work with the wrappers (more in the open habits issue)."""
+"""Keras habits that must work with the wrappers, or be refused with a way out."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 
 import keras_sam
 from tests.helpers import assert_weights_close, classification_data, logits_loss
+from tests.methods import WRAPPERS
 
 X, Y = classification_data(n=32)
 
@@ -55,3 +56,41 @@ def test_unbuilt_subclassed_model_trains_like_the_same_model_built_up_front(wrap
 def test_wrappers_with_per_variable_state_ask_for_a_built_model(cls):
     with pytest.raises(ValueError, match="build"):
         cls(Subclassed())
+
+
+class CustomStep(Subclassed):
+    """keras-io's VAE/GAN pattern: the model trains itself with its own step."""
+
+    def train_step(self, *args):
+        return super().train_step(*args)
+
+
+@pytest.mark.parametrize("method", WRAPPERS, ids=str)
+def test_a_model_with_its_own_train_step_is_refused_with_a_way_out(method):
+    with pytest.raises(TypeError, match=r"overrides `train_step`.*Momentum-SAM"):
+        method.construct(CustomStep())
+
+
+class EndpointLoss(keras.layers.Layer):
+    """keras-io's endpoint-layer pattern: the loss is `add_loss`, not compiled."""
+
+    def call(self, targets, logits):
+        self.add_loss(keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)))
+        return logits
+
+
+def _endpoint_model():
+    inputs, targets = keras.Input((8,)), keras.Input((), dtype="int32")
+    logits = keras.layers.Dense(3)(inputs)
+    return keras.Model([inputs, targets], EndpointLoss()(targets, logits))
+
+
+def test_ksam_refuses_an_add_loss_only_model_and_sam_trains_it():
+    trainer = keras_sam.KSAM(_endpoint_model(), rho=0.1, k=0.5)
+    with pytest.raises(ValueError, match=r"K-SAM ranks the samples.*compile\(loss="):
+        trainer.compile(optimizer="sgd")
+    trainer = keras_sam.SAM(_endpoint_model(), rho=0.1)
+    trainer.compile(optimizer="sgd")
+    history = trainer.fit([X, Y], batch_size=16, epochs=2, verbose=0)
+    assert history.history["loss"][1] < history.history["loss"][0]

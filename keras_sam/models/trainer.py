@@ -179,6 +179,7 @@ class SharpnessAwareTrainer(ModelWrapper):
         if num_batch_splits is not None:
             num_batch_splits = check_int(num_batch_splits, "num_batch_splits", low=1)
         backend.check_supported(self)  # PyTorch: a clear NotImplementedError
+        _refuse_custom_train_step(model, type(self).__name__)
         super().__init__(model, **kwargs)
         self.rho = rho
         self.perturbation_scope = perturbation_scope
@@ -549,6 +550,22 @@ def _batch_parts(batch: tuple, splits: int | None) -> list[tuple[tuple, Any]]:
         share = ops.cast(stop - start, "float32") / ops.cast(size, "float32")
         parts.append((part, share))
     return parts
+
+
+def _refuse_custom_train_step(model: Any, wrapper: str) -> None:
+    """A wrapper replaces the train step; a model's own `train_step` would be
+    silently ignored, so such a model is refused."""
+    if not isinstance(model, keras.Model):
+        return  # ModelWrapper raises the TypeError
+    if type(model).train_step is not keras.Model.train_step:
+        raise TypeError(
+            f"`model` ({type(model).__name__}) overrides `train_step`; {wrapper} replaces "
+            "the train step with its own, so yours would be ignored. Either let the model "
+            "compute its loss in `call` (with `self.add_loss(...)` or `compile(loss=...)`) "
+            "and drop the custom `train_step`, or keep your step and use a Momentum-SAM "
+            "optimizer (keras_sam.optimizers.MSAM or AdamWMSAM), which works inside any "
+            "`train_step`."
+        )
 
 
 def _average(descents: list[tuple[Descent, Any]]) -> Descent:
