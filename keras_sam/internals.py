@@ -34,15 +34,6 @@ def layer_seed_generators(layer: keras.layers.Layer) -> list:
     return list(getattr(layer, "_seed_generators", ()))
 
 
-def untracked() -> Any:
-    """A scope in which a layer attribute assignment tracks nothing
-    (``keras.src.utils.tracking.DotNotTrackScope``): a wrapper keeps references to
-    its model's layers without adopting them."""
-    from keras.src.utils import tracking
-
-    return tracking.DotNotTrackScope()
-
-
 def symbolic_build(model: keras.Model, data_batch: Any) -> None:
     """Builds ``model`` and its compiled metrics from one batch (``Trainer._symbolic_build``)."""
     model._symbolic_build(data_batch=data_batch)
@@ -53,18 +44,6 @@ def default_symbolic_build(model: keras.Model, iterator: Any, data_batch: Any) -
     the TensorFlow trainer), which a wrapper extends by overriding the method of the
     same name."""
     keras.Model._maybe_symbolic_build(model, iterator=iterator, data_batch=data_batch)
-
-
-@contextlib.contextmanager
-def jit_compile_off(model: keras.Model) -> Iterator[None]:
-    """``model.jit_compile`` is False inside (``Trainer._jit_compile``): the public
-    setter refuses to change it on some backends once compiled."""
-    before = model._jit_compile
-    model._jit_compile = False
-    try:
-        yield
-    finally:
-        model._jit_compile = before
 
 
 def loss_tracker(model: keras.Model) -> Any:
@@ -260,18 +239,12 @@ def _required() -> list[tuple[str, Callable[[], bool]]]:
     def keyword_args() -> bool:
         return isinstance(base_optimizer_keyword_args(), str)
 
-    def untracked_scope() -> bool:
-        with untracked():
-            return True
-
     checks = [
         ("Layer._flatten_layers", has(keras.layers.Layer, "_flatten_layers")),
         ("BatchNormalization._moments", has(keras.layers.BatchNormalization, "_moments")),
         ("BatchNormalization._reduction_axes", batchnorm_axes),
         ("Layer._seed_generators", lambda: hasattr(keras.layers.Dropout(0.5), "_seed_generators")),
-        ("keras.src.utils.tracking.DotNotTrackScope", untracked_scope),
         ("Trainer._symbolic_build", has(keras.Model, "_symbolic_build")),
-        ("Trainer._jit_compile", model_attribute("_jit_compile")),
         ("Trainer._loss_tracker", model_attribute("_loss_tracker")),
         ("Layer._losses_override", model_attribute("_losses_override")),
         ("Keras reads train_step once, in make_train_function", reads_train_step_when_made),

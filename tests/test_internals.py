@@ -22,11 +22,3 @@ def test_a_replaced_train_step_leaves_nothing_on_the_model():
     with internals.train_step_replaced(model, lambda *args: None):
         assert model.train_step is not type(model).train_step
     assert "train_step" not in vars(model)
-
-
-def test_jit_compile_off_restores_the_setting():
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
-    with internals.jit_compile_off(model):
-        assert model.jit_compile is False
-    assert model.jit_compile is True

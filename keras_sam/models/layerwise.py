@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -181,8 +182,7 @@ class LayerwiseSAM(SharpnessAwareTrainer):
                 "`Input` or call `model.build(input_shape)` before wrapping it."
             )
         units, self._layers_config = _candidate_units(model, layers)
-        with internals.untracked():  # the layers stay the model's, in its order
-            self._units = units
+        self._candidates = _Untracked(tuple(units))  # the layers stay the model's
         n = len(self._units)
         self.num_chosen_layers = _count(self.num_layers, n)
         # The lowest chosen layer is never above n - K: no cut is needed there.
@@ -227,6 +227,11 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         _sync_jax_state(self)
         norms = keras.ops.convert_to_numpy(self._grad_norms.value)
         return {layer.name: float(v) for (layer, _), v in zip(self._units, norms)}
+
+    @property
+    def _units(self) -> tuple:
+        """The candidate (layer, its variables) pairs, input side first."""
+        return self._candidates.items
 
     @property
     def num_chosen(self) -> int:
@@ -371,6 +376,14 @@ def _cut_points(n: int, max_cuts: int) -> list[int]:
 def _own_trainable_variables(layer: keras.layers.Layer) -> list:
     nested = {id(v) for sub in internals.all_layers(layer) for v in sub.trainable_variables}
     return [v for v in layer.trainable_variables if id(v) not in nested]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Untracked:
+    """Holds objects without Keras tracking them (Keras tracks layers, variables and
+    the lists, dicts and tuples holding them, but not other objects)."""
+
+    items: tuple
 
 
 def _candidate_units(model: keras.Model, layers: LayersLike) -> tuple[list, Any]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, cast
 
 import keras
@@ -300,8 +300,17 @@ class SharpnessAwareTrainer(ModelWrapper):
     def _compiles_inside_step(self) -> bool:
         return backend.compiles_inside_step(self.jit_compile, internals.distribute_strategy(self))
 
-    def _step_jit_off(self, off: bool) -> Any:
-        return internals.jit_compile_off(self) if off else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _step_jit_off(self, off: bool) -> Iterator[None]:
+        """``jit_compile`` off inside, when ``off`` (the passes are compiled instead)."""
+        if not off:
+            yield
+            return
+        self.jit_compile = False
+        try:
+            yield
+        finally:
+            self.jit_compile = True
 
     # ------------------------------------------------------------------ the step
     # JAX: fit calls train_step(state, data) -> (logs, state); the decorator runs this
