@@ -26,6 +26,7 @@ after the step are exactly what the optimizer writes.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,12 @@ from keras_sam.ops import add_perturbation, all_finite, dual_vector
 from keras_sam.validation import check_choice, check_int
 
 PERTURBATION_SCOPES = ("replica", "global")
+
+#: The kind of step being run by `SharpnessAwareTrainer.train_step_for` (per thread:
+#: MirroredStrategy runs its replicas' steps in threads of their own).
+_STEP_VARIANT: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "keras_sam_step_variant", default=None
+)
 
 #: Keras layers whose trainable variables ``perturb="normalization"`` selects (SAM-ON).
 NORMALIZATION_LAYERS = (
@@ -249,11 +256,11 @@ class SharpnessAwareTrainer(ModelWrapper):
 
         @backend.stateful_train_step
         def step(trainer: SharpnessAwareTrainer, data: Any) -> dict:
-            trainer._step_variant = variant
+            token = _STEP_VARIANT.set(variant)  # this step's own context, not the model's
             try:
                 return trainer._step(data)
             finally:
-                trainer._step_variant = None
+                _STEP_VARIANT.reset(token)
 
         return functools.partial(step, self)
 
@@ -276,10 +283,10 @@ class SharpnessAwareTrainer(ModelWrapper):
     def step_variant(self) -> Any:
         """The kind of step running (``None`` outside a multi-variant train function).
 
-        Set by the step itself while it runs (and so while it is traced), never
-        from outside.
+        Set by the running step itself (and so while it is traced), in its own
+        context: nothing on the model is read or written.
         """
-        return getattr(self, "_step_variant", None)
+        return _STEP_VARIANT.get()
 
     def _optimizer_steps(self, read: Callable) -> int:
         """``optimizer.iterations`` (the steps taken, counting accumulated micro-batches
