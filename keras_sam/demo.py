@@ -160,14 +160,14 @@ def run_method(name: str, data: tuple, args: argparse.Namespace, verbose: int) -
         verbose=verbose,
         callbacks=[*_callbacks(name, x_train), timer],
     )
-    accuracy = _accuracy(model, x_test, y_test)
+    test_accuracy = accuracy(model, x_test, y_test)
     own = {id(v) for v in model.variables}
     extra = [v for v in trainer.variables if id(v) not in own]
     return {
         "name": name,
         "label": _label(name),
         "base": _base(name),
-        "accuracy": accuracy,
+        "accuracy": test_accuracy,
         "step_time": float(np.median(timer.times)) if timer.times else float("nan"),
         "optimizer_bytes": _variable_bytes(trainer.optimizer.variables),
         "wrapper_bytes": _variable_bytes(extra),
@@ -175,7 +175,8 @@ def run_method(name: str, data: tuple, args: argparse.Namespace, verbose: int) -
     }
 
 
-def _accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
+def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
+    """Test accuracy of a classifier with logits outputs (inference mode)."""
     # An eager call, not `predict`: a new predict function per method makes TensorFlow
     # warn about retracing.
     logits = np.concatenate(
