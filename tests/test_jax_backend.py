@@ -30,16 +30,21 @@ import keras_sam
 ROOT = Path(__file__).resolve().parents[1]
 CROSS_BACKEND_SCRIPT = ROOT / "tests" / "jax_backend" / "cross_backend_script.py"
 
-#: What the JAX run covers: the numeric references of every wrapper (tests/models),
-#: keras.distribution (tests/jax_backend), sharpness, BatchNorm statistics, and the
-#: part of the contract and hardening suites that exercises backend code (compiled
-#: steps, BatchNorm, skipped steps, mixed precision, saving). The Momentum-SAM
-#: optimizers are keras.ops code over one backend function; here the cross-backend
-#: test below checks them on JAX, and the GitHub workflow's JAX job
-#: (``KERAS_SAM_TEST_BACKEND=jax bash .ci/run``) runs tests/optimizers and the whole
-#: contract suite on JAX (tf.distribute tests are marked `tf_only` and skip there).
+#: What the JAX run covers: the numeric references of SAM, ASAM and Layer-wise SAM
+#: (whose per-cut compiled steps are backend-specific), keras.distribution
+#: (tests/jax_backend), sharpness, BatchNorm statistics, and the part of the contract
+#: and hardening suites that exercises backend code (compiled steps, BatchNorm,
+#: skipped steps, mixed precision, saving). Every other method (K-SAM, the zoo, the
+#: Momentum-SAM optimizers) is checked on JAX by the cross-backend test below: its
+#: weights after six steps on a BatchNorm model equal TensorFlow's to 1e-5, and
+#: TensorFlow's equal the numpy references. The GitHub workflow's JAX job
+#: (``KERAS_SAM_TEST_BACKEND=jax bash .ci/run``) runs all of tests/models,
+#: tests/optimizers and the contract suite on JAX (tf.distribute tests are marked
+#: `tf_only` and skip there).
 JAX_TESTS = [
-    "tests/models",
+    "tests/models/test_sam.py",
+    "tests/models/test_asam.py",
+    "tests/models/test_layerwise.py",
     "tests/jax_backend",
     "tests/test_contract.py",
     "tests/test_hardening.py",
