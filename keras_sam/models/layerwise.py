@@ -134,7 +134,7 @@ class LayerwiseSAM(SharpnessAwareTrainer):
 
     Examples:
         >>> import keras, numpy as np, keras_sam
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="head")])
         >>> trainer = keras_sam.LayerwiseSAM(model, rho=0.05, num_layers=1, layers=None)
         >>> trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
         ...                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -143,7 +143,7 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         >>> len(history.history["loss"])
         2
         >>> trainer.selected_layers  # the layers perturbed at the next step
-        ['dense']
+        ['head']
 
     References:
         Sunwoo Lee. Layer-wise Adaptive Gradient Norm Penalizing Method for
