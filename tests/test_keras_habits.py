@@ -54,7 +54,7 @@ def test_unbuilt_subclassed_model_trains_like_the_same_model_built_up_front(wrap
 
 @pytest.mark.parametrize("cls", [keras_sam.LookSAM, keras_sam.FriendlySAM, keras_sam.LayerwiseSAM])
 def test_wrappers_with_per_variable_state_ask_for_a_built_model(cls):
-    with pytest.raises(ValueError, match="build"):
+    with pytest.raises(ValueError, match=r"model\(x\[:1\]\)"):
         cls(Subclassed())
 
 

@@ -97,9 +97,9 @@ class LayerwiseSAM(SharpnessAwareTrainer):
     compute exactly what one device computes on the global batch.
 
     Args:
-        model: the `keras.Model` to train. It must be built (functional and
-            Sequential models with an ``Input`` are; otherwise call
-            ``model.build(input_shape)`` first).
+        model: the `keras.Model` to train. Its variables must exist (functional
+            and Sequential models with an ``Input`` have them; call a subclassed
+            model once on a batch, ``model(x[:1])``, first).
         rho: radius ρ >= 0 (float or a schedule of the step). Defaults to `0.05`.
         num_layers: how many layers to perturb: an int >= 0 (a count; more than
             the candidates means all of them), or a float in [0, 1] (a fraction
@@ -176,10 +176,12 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         self.ranking_decay = check_real(
             ranking_decay, "ranking_decay", low=0.0, high=1.0, high_open=True
         )
-        if not model.built:
+        if not model.built or not model.trainable_variables:
             raise ValueError(
-                "LayerwiseSAM needs a built `model` to enumerate its layers: give it an "
-                "`Input` or call `model.build(input_shape)` before wrapping it."
+                "LayerwiseSAM ranks the layers of `model` by their variables, which do not "
+                "exist yet: call the model once on a batch (`model(x[:1])`) or give it an "
+                "`Input` before wrapping it (a subclassed model's `build(input_shape)` "
+                "creates no variables unless the model defines it)."
             )
         units, self._layers_config = _candidate_units(model, layers)
         self._candidates = _Untracked(tuple(units))  # the layers stay the model's

@@ -478,9 +478,9 @@ class SharpnessAwareTrainer(ModelWrapper):
         """
         if not self.model.trainable_variables:
             raise ValueError(
-                f"{type(self).__name__} keeps state per model variable, so `model` must "
-                "be built when it is wrapped: give it an `Input` or call "
-                "`model.build(input_shape)` first."
+                f"{type(self).__name__} keeps state per model variable, so the variables "
+                "of `model` must exist when it is wrapped: call the model once on a batch "
+                "(`model(x[:1])`) or give it an `Input` first."
             )
         return [
             self.add_weight(

@@ -413,8 +413,28 @@ def test_layers_without_weights_or_overlapping_are_rejected():
 
 
 def test_unbuilt_model_is_rejected():
-    with pytest.raises(ValueError, match="built"):
+    with pytest.raises(ValueError, match=r"call the model once on a batch"):
         LayerwiseSAM(keras.Sequential([keras.layers.Dense(2)]))
+
+
+def test_a_subclassed_model_built_without_variables_is_rejected_clearly():
+    """`build(input_shape)` on a subclassed model without its own `build` marks it
+    built but creates no variable; the error says what does."""
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, inputs):
+            return self.dense(inputs)
+
+    model = Subclassed()
+    model.build((None, 3))
+    with pytest.raises(ValueError, match=r"model\(x\[:1\]\)"):
+        LayerwiseSAM(model)
+    model(np.zeros((1, 3), "float32"))
+    assert LayerwiseSAM(model, layers=None).candidate_layers == ["dense"]
 
 
 def test_mixed_precision_ranks_unscaled_norms():
