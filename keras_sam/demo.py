@@ -43,8 +43,7 @@ def _label(name: str) -> str:
     if name in registry.BASES:
         return f"{registry.BASES[name].title} (base)"
     entry = registry.METHODS[name]
-    options = {**entry.preset, **entry.hyperparameters, **entry.demo}
-    text = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    text = entry.describe(**entry.demo)
     return f"{entry.title} rho={entry.rho:g}" + (f", {text}" if text else "")
 
 

@@ -128,8 +128,11 @@ class Method:
     @property
     def options(self) -> str:
         """The arguments beyond ρ, as ``name=value`` text."""
-        arguments = {**self.preset, **self.hyperparameters}
-        return ", ".join(f"{k}={v!r}" for k, v in arguments.items())
+        return self.describe()
+
+    def describe(self, **overrides: Any) -> str:
+        """The arguments beyond ρ with ``overrides`` applied, as ``name=value`` text."""
+        return ", ".join(f"{k}={v!r}" for k, v in self._arguments(overrides).items())
 
     def build(
         self, model: keras.Model, learning_rate: Any, rho: Any = None, **overrides: Any
