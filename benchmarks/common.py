@@ -33,8 +33,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default=None,
-        help="Keras backend: 'tensorflow' (default) or 'jax' (sets KERAS_BACKEND before "
-        "Keras is imported; the JAX path never imports TensorFlow).",
+        help="Keras backend: 'tensorflow' (default), 'jax' or 'torch' (sets KERAS_BACKEND "
+        "before Keras is imported; the JAX and PyTorch paths never import TensorFlow).",
     )
     parser.add_argument(
         "--device",
@@ -55,8 +55,8 @@ def setup_backend(
 ) -> str:
     """Validates ``--backend`` and sets ``KERAS_BACKEND`` if Keras is not imported yet.
 
-    ``supported`` are the backends the calling script runs on. On JAX, TensorFlow is
-    made unimportable for the rest of the process (when it is not imported yet):
+    ``supported`` are the backends the calling script runs on. On JAX and PyTorch,
+    TensorFlow is made unimportable for the rest of the process (when it is not imported yet):
     Keras' ``set_random_seed`` imports TensorFlow whenever it is installed, only to seed
     it, which would put TensorFlow's memory and threads into the JAX measurements and
     hide a dependency that the TensorFlow-less GPU machines do not satisfy.
@@ -68,7 +68,7 @@ def setup_backend(
         parser.error(f"--backend must be one of {KNOWN_BACKENDS}, got {backend!r}.")
     if backend not in supported:
         parser.error(
-            f"--backend {backend}: this benchmark supports {' and '.join(supported)} only "
+            f"--backend {backend}: this benchmark supports {', '.join(supported)} only "
             f"(keras_sam's wrappers do not run on {backend}). "
             f"Use --backend {' or --backend '.join(supported)}."
         )
@@ -82,7 +82,7 @@ def setup_backend(
             )
     else:
         os.environ["KERAS_BACKEND"] = backend
-    if backend == "jax" and "tensorflow" not in sys.modules:
+    if backend in ("jax", "torch") and "tensorflow" not in sys.modules:
         sys.modules["tensorflow"] = None  # type: ignore[assignment]  # `import` raises
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return backend
@@ -93,6 +93,12 @@ def backend_name() -> str:
     return os.environ.get("KERAS_BACKEND", "tensorflow")
 
 
+def jit_compile() -> bool:
+    """``jit_compile`` for the trainers: XLA on TensorFlow and JAX; PyTorch's wrappers
+    run eagerly (they refuse `torch.compile`)."""
+    return backend_name() != "torch"
+
+
 def tensorflow_imported() -> bool:
     return sys.modules.get("tensorflow") is not None
 
@@ -101,6 +107,8 @@ def setup_device(device: str, parser: argparse.ArgumentParser) -> str:
     """Applies ``--device`` and returns a description of the device used."""
     if backend_name() == "jax":
         return _setup_jax_device(device, parser)
+    if backend_name() == "torch":
+        return _setup_torch_device(device, parser)
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -146,11 +154,25 @@ def _setup_jax_device(device: str, parser: argparse.ArgumentParser) -> str:
     return f"CPU: {cpu_model()} ({os.cpu_count()} logical cores{jax_devices})"
 
 
+def _setup_torch_device(device: str, parser: argparse.ArgumentParser) -> str:
+    import torch
+
+    if device == "gpu":
+        parser.error("--device gpu: the PyTorch path times the CPU only (Keras places "
+                     "tensors on CUDA when torch sees one; hide it for a CPU run).")
+    if torch.cuda.is_available():
+        parser.error("--backend torch: torch sees a GPU; set CUDA_VISIBLE_DEVICES= for a "
+                     "CPU run.")
+    return f"CPU: {cpu_model()} ({os.cpu_count()} logical cores, PyTorch)"
+
+
 def uses_gpu() -> bool:
     if backend_name() == "jax":
         import jax
 
         return jax.devices()[0].platform in JAX_GPU_PLATFORMS
+    if backend_name() == "torch":
+        return False
     import tensorflow as tf
 
     return bool(tf.config.get_visible_devices("GPU"))
@@ -214,6 +236,10 @@ def machine_info(device: str) -> dict:
             "jax_default_backend": jax.default_backend(),
             "jax_devices": [f"{d} ({d.device_kind})" for d in jax.devices()],
         })
+    elif keras.backend.backend() == "torch":
+        import torch
+
+        info.update({"torch": torch.__version__, "torch_threads": torch.get_num_threads()})
     else:
         import tensorflow as tf
 

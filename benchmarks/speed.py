@@ -207,12 +207,14 @@ class Runner:
             optimizer=method.optimizer(lr, method.default_rho),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
-            jit_compile=True,
+            jit_compile=common.jit_compile(),
         )
         self.trainer.optimizer.build(self.trainer.trainable_variables)
-        self.jax = keras.backend.backend() == "jax"
-        if self.jax:
+        self.backend = keras.backend.backend()
+        if self.backend == "jax":
             self._init_jax(data, batch)
+        elif self.backend == "torch":
+            self._init_torch(data, batch)
         else:
             import tensorflow as tf
 
@@ -257,10 +259,30 @@ class Runner:
                           trainer.optimizer.variables, trainer.metrics_variables)
         )
 
+    def _init_torch(self, data: tuple, batch: int) -> None:
+        """Builds through `fit` (one batch), then cycles over batches already on the
+        device; Keras' PyTorch train function takes ``[batch]``."""
+        import itertools
+
+        import keras
+
+        x, y = data
+        self.trainer.fit(x[:batch], y[:batch], batch_size=batch, epochs=1, shuffle=False,
+                         verbose=0)
+        self.trainer.make_train_function()
+        to_tensor = keras.ops.convert_to_tensor
+        batches = [
+            [(to_tensor(x[i:i + batch]), to_tensor(y[i:i + batch]))]
+            for i in range(0, len(x) - batch + 1, batch)
+        ]
+        self.iterator = itertools.cycle(batches)
+
     def step(self) -> float:
         start = time.perf_counter()
-        if self.jax:
+        if self.backend == "jax":
             logs, self.state = self.train_function(self.state, self.iterator)
+        elif self.backend == "torch":
+            logs = self.train_function(next(self.iterator))
         else:
             logs = self.train_function(self.iterator)
         float(np.asarray(logs["loss"]))  # blocks until the step has run
@@ -622,6 +644,8 @@ def run_rss_probes(models: Sequence[str], names: Sequence[str], args: argparse.N
 
 # ---------------------------------------------------------------------- reporting
 def markdown(report: dict) -> str:
+    compiled = report["settings"].get("jit_compile", True)
+    function = "compiled `train_function` (XLA)" if compiled else "eager `train_function`"
     lines = [
         "# Speed benchmark",
         "",
@@ -629,7 +653,7 @@ def markdown(report: dict) -> str:
         f"{report['machine']['device']}, load average (1/5/15 min) at start "
         f"{report['machine']['load_average_1_5_15']}.",
         "",
-        f"Per-step time of the compiled `train_function` (XLA), {report['settings']['rounds']} "
+        f"Per-step time of the {function}, {report['settings']['rounds']} "
         f"interleaved rounds × {report['settings']['steps']} steps per method, after "
         f"{report['settings']['warmup']} warm-up steps. Ratio = median over rounds of the "
         "round's mean step time / the base optimizer's mean step time in the same round "
@@ -639,6 +663,14 @@ def markdown(report: dict) -> str:
         "",
     ]
     machine = report["machine"]
+    if machine.get("keras_backend") == "torch":
+        lines += [
+            f"Backend: PyTorch {machine['torch']} ({machine['torch_threads']} threads), Keras "
+            f"{machine['keras']}, eager (the wrappers refuse `torch.compile`). Each trainer is "
+            "built by `fit` on one batch (not timed), then its `train_function` is called "
+            "directly on batches already converted to tensors.",
+            "",
+        ]
     if machine.get("keras_backend") == "jax":
         parallel = report["settings"].get("data_parallel")
         lines += [
@@ -781,12 +813,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
     args.warmup = args.warmup or (2 if quick else 3)
     if args.rss_models is None:
         args.rss_models = [] if quick else ["cnn"]
-    if args.pieces is None:
-        args.pieces = [] if quick else ["cnn"]
+    if args.pieces is None:  # the pieces are written for TensorFlow and JAX
+        torch = (args.backend or os.environ.get("KERAS_BACKEND")) == "torch"
+        args.pieces = [] if quick or torch else ["cnn"]
     return args, parser
 
 
-SUPPORTED_BACKENDS = ("tensorflow", "jax")
+SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def setup_data_parallel(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -811,6 +844,8 @@ def setup_data_parallel(args: argparse.Namespace, parser: argparse.ArgumentParse
 def main(argv: Sequence[str] | None = None) -> dict:
     args, parser = parse_args(argv)
     common.setup_backend(args.backend, parser, SUPPORTED_BACKENDS)
+    if args.pieces and common.backend_name() == "torch":
+        parser.error("--pieces: written for TensorFlow and JAX only.")
     device = common.setup_device(args.device, parser)
     if args.probe_rss:
         args.models = [args.probe_rss[0]]
@@ -832,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "machine": machine,
         "settings": {
             "quick": args.quick, "rounds": args.rounds, "steps": args.steps,
-            "warmup": args.warmup, "jit_compile": True,
+            "warmup": args.warmup, "jit_compile": common.jit_compile(),
             "learning_rates": {m: MODELS[m].learning_rate for m in args.models},
         },
         "methods": {

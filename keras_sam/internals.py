@@ -72,11 +72,11 @@ def distribute_strategy(model: Any) -> Any:
 
 @contextlib.contextmanager
 def train_step_replaced(model: keras.Model, step: Callable) -> Iterator[None]:
-    """``model.train_step`` is ``step`` inside.
+    """``model.train_step`` is ``step`` inside; nothing of it is left afterwards.
 
-    Keras (since 3.7) reads ``train_step`` once, when `make_train_function` makes
-    the train function, so a function made inside this scope runs ``step`` for
-    good, and nothing of the replacement is left on the model afterwards.
+    Keras reads ``train_step`` when it makes or traces a train function
+    (TensorFlow, JAX) or each time the function runs (PyTorch), so a train function
+    runs ``step`` when it is both made and called inside this scope.
     """
     model.train_step = step
     try:
@@ -209,28 +209,6 @@ def _required() -> list[tuple[str, Callable[[], bool]]]:
 
         return check
 
-    def reads_train_step_when_made() -> bool:
-        # `train_step_replaced` needs Keras to read `train_step` at make time.
-        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-        model.compile(optimizer="sgd", loss="mse", run_eagerly=True)
-        ran = []
-
-        def step(*args: Any) -> Any:  # (data) on TensorFlow, (state, data) on JAX
-            ran.append(True)
-            logs = {"ran": keras.ops.zeros(())}
-            return logs if len(args) == 1 else (logs, args[0])
-
-        with train_step_replaced(model, step):
-            model.make_train_function(force=True)
-        model.train_step = None  # a read after the scope would fail
-        try:
-            model.fit(keras.ops.ones((1, 1)), keras.ops.ones((1, 1)), verbose=0)
-        except TypeError:
-            return False
-        finally:
-            del model.train_step
-        return bool(ran)
-
     def batchnorm_axes() -> bool:
         layer = keras.layers.BatchNormalization()
         layer.build((2, 3))
@@ -247,7 +225,6 @@ def _required() -> list[tuple[str, Callable[[], bool]]]:
         ("Trainer._symbolic_build", has(keras.Model, "_symbolic_build")),
         ("Trainer._loss_tracker", model_attribute("_loss_tracker")),
         ("Layer._losses_override", model_attribute("_losses_override")),
-        ("Keras reads train_step once, in make_train_function", reads_train_step_when_made),
         ("Variable._value", lambda: hasattr(keras.Variable(1.0), "_value")),
         ("Optimizer._iterations", optimizer_attribute("_iterations")),
         ("Optimizer._trainable_variables", optimizer_attribute("_trainable_variables")),

@@ -20,7 +20,7 @@ Losses and products are accumulated in float32 (NumPy float64 for the
 eigensolver); a mixed-precision model still runs its layers in their compute
 dtype.
 
-Works on TensorFlow and JAX, with BatchNorm, Dropout, multi-output models,
+Works on TensorFlow, JAX and PyTorch, with BatchNorm, Dropout, multi-output models,
 sample weights, mixed precision and inside a `tf.distribute` strategy scope (the
 measure runs on one device).
 """

@@ -39,9 +39,15 @@ def pytest_collection_modifyitems(config, items):
     if backend == "tensorflow":
         return
     skip = pytest.mark.skip(reason=f"TensorFlow-only test; the Keras backend is {backend!r}")
+    # On PyTorch the wrappers refuse jit_compile=True (torch.compile), which
+    # tests/backend/test_torch.py checks; the compiled variants of other tests skip.
+    skip_compiled = pytest.mark.skip(reason="jit_compile=True is refused on PyTorch")
     for item in items:
         if "tf_only" in item.keywords:
             item.add_marker(skip)
+        parameters = getattr(getattr(item, "callspec", None), "params", {})
+        if backend == "torch" and parameters.get("jit_compile") is True:
+            item.add_marker(skip_compiled)
 
 
 @pytest.fixture(autouse=True)

@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
+
+_TORCH = keras.backend.backend() == "torch"
+#: ``jit_compile`` for a test that wants a compiled step where the backend compiles
+#: one (on PyTorch the wrappers refuse ``jit_compile=True``).
+JIT_COMPILE = not _TORCH
+#: For tests of a compiled program (PyTorch runs a wrapper's step eagerly).
+compiled_step_only = pytest.mark.skipif(_TORCH, reason="no compiled step on PyTorch")
+#: Keras' PyTorch trainer requires ``steps_per_execution=1``.
+multi_step_execution = pytest.mark.skipif(
+    _TORCH, reason="Keras' PyTorch trainer requires steps_per_execution=1"
+)
 
 
 def keras_mlp(params, n_in: int = 3) -> keras.Model:
@@ -24,7 +40,9 @@ def bn_dropout_model(
     """A classifier with BatchNormalization and Dropout (logits output)."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((n_in,))
-    h = keras.layers.Dense(16, name="dense_in")(inputs)
+    # No bias before BatchNorm: its gradient is rounding noise, which Adam amplifies
+    # to learning-rate-sized steps that differ with the backend's arithmetic.
+    h = keras.layers.Dense(16, use_bias=False, name="dense_in")(inputs)
     h = keras.layers.BatchNormalization(name="bn")(h)
     h = keras.layers.ReLU()(h)
     h = keras.layers.Dropout(dropout, seed=seed)(h)
@@ -72,3 +90,29 @@ def mirrored_strategy():
     import tensorflow as tf
 
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_under_backend(arguments: list, backend: str, timeout: int) -> subprocess.CompletedProcess:
+    """``python *arguments`` in a subprocess with ``KERAS_BACKEND=backend``, from the
+    repository root (so ``tests`` and ``keras_sam`` import)."""
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return subprocess.run([sys.executable, *arguments], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_tests_under_backend(tests: list, selection: str, backend: str, timeout: int) -> None:
+    """Runs pytest on ``tests`` (``-k selection``) under ``backend``; fails with its
+    summary unless they pass."""
+    result = run_under_backend(
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection, *tests],
+        backend,
+        timeout,
+    )
+    summary = result.stdout[-6000:] + result.stderr[-3000:]
+    assert result.returncode == 0, f"the {backend} test run failed:\n{summary}"
+    assert " passed" in result.stdout, summary

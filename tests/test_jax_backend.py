@@ -1,41 +1,28 @@
 """The JAX backend, from the default (TensorFlow) test run.
 
-`python -m pytest` runs the suite on TensorFlow. These tests cover JAX too:
-
-* `test_method_tests_pass_on_jax` runs the method-level tests (numeric references
-  of every method, the contract suite, keras.distribution.DataParallel on two host
-  devices) in a subprocess with ``KERAS_BACKEND=jax``;
-* `test_tensorflow_and_jax_give_the_same_weights` trains every method a few
-  steps under each backend (subprocesses) and compares the weights.
-
-Both are skipped, with the reason, when jax is not installed. Under
-``KERAS_BACKEND=jax`` (the subprocess itself) this module is skipped: the tests
-run directly there.
+`python -m pytest` runs the suite on TensorFlow. `test_method_tests_pass_on_jax`
+runs the method-level tests (numeric references, the contract suite,
+keras.distribution on four host devices) in a subprocess with ``KERAS_BACKEND=jax``;
+tests/test_cross_backend.py compares every method's weights with TensorFlow's.
+Skipped, with the reason, when jax is not installed. Under ``KERAS_BACKEND=jax``
+(the subprocess itself) this module is skipped: the tests run directly there.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import keras
-import numpy as np
 import pytest
 
-import keras_sam
-
-ROOT = Path(__file__).resolve().parents[1]
-CROSS_BACKEND_SCRIPT = ROOT / "tests" / "jax_backend" / "cross_backend_script.py"
+from tests.helpers import run_tests_under_backend
 
 #: What the JAX run covers: the numeric references of SAM, ASAM and Layer-wise SAM
 #: (whose per-cut compiled steps are backend-specific), keras.distribution
 #: (tests/jax_backend), sharpness, BatchNorm statistics, and the part of the contract
 #: and hardening suites that exercises backend code (compiled steps, BatchNorm,
 #: skipped steps, mixed precision, saving). Every other method (K-SAM, the zoo, the
-#: Momentum-SAM optimizers) is checked on JAX by the cross-backend test below: its
+#: Momentum-SAM optimizers) is checked on JAX by tests/test_cross_backend.py: its
 #: weights after six steps on a BatchNorm model equal TensorFlow's to 1e-5, and
 #: TensorFlow's equal the numpy references. The GitHub workflow's JAX job
 #: (``KERAS_SAM_TEST_BACKEND=jax bash .ci/run``) runs all of tests/models,
@@ -77,45 +64,5 @@ pytestmark = [
 ]
 
 
-def _env(backend: str) -> dict:
-    env = dict(os.environ)
-    env["KERAS_BACKEND"] = backend
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return env
-
-
-def _run(command: list, backend: str, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command, cwd=ROOT, env=_env(backend), capture_output=True, text=True, timeout=timeout
-    )
-
-
 def test_method_tests_pass_on_jax():
-    result = _run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", JAX_SELECTION,
-         *JAX_TESTS],
-        "jax",
-        JAX_TIMEOUT_S,
-    )
-    summary = result.stdout[-6000:] + result.stderr[-3000:]
-    assert result.returncode == 0, f"the JAX test run failed:\n{summary}"
-    assert " passed" in result.stdout, summary
-
-
-def test_tensorflow_and_jax_give_the_same_weights(tmp_path):
-    files = {}
-    for backend in ("tensorflow", "jax"):
-        files[backend] = tmp_path / f"{backend}.npz"
-        result = _run([sys.executable, str(CROSS_BACKEND_SCRIPT), str(files[backend])],
-                      backend, 300)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    tf_weights, jax_weights = (np.load(files[b]) for b in ("tensorflow", "jax"))
-    assert str(tf_weights["backend"]) == "tensorflow"
-    assert str(jax_weights["backend"]) == "jax"
-    names = sorted(k for k in tf_weights.files if k != "backend")
-    assert names == sorted(k for k in jax_weights.files if k != "backend")
-    assert {n.split("/")[0] for n in names} == {*keras_sam.registry.METHODS, "sam_splits"}
-    for name in names:
-        np.testing.assert_allclose(jax_weights[name], tf_weights[name], atol=1e-5,
-                                   err_msg=name)
+    run_tests_under_backend(JAX_TESTS, JAX_SELECTION, "jax", JAX_TIMEOUT_S)

@@ -1,31 +1,61 @@
-"""The PyTorch backend (a subprocess): train-step wrappers raise NotImplementedError with
-the reason; the Momentum-SAM optimizers train and match the NumPy reference.
+"""The PyTorch backend, from the default (TensorFlow) test run.
 
-Skipped when torch is not installed (it is not part of keras-sam[test]).
+`test_method_tests_pass_on_pytorch` runs the method-level tests in a subprocess
+with ``KERAS_BACKEND=torch``: the numeric references of SAM, ASAM, K-SAM and
+Layer-wise SAM, the Momentum-SAM optimizers' references, the PyTorch-specific
+tests (tests/torch_backend) and the parts of the contract and hardening suites
+that exercise backend code. tests/test_cross_backend.py checks every other method
+(the zoo) against TensorFlow's weights. The GitHub workflow's PyTorch job
+(``KERAS_SAM_TEST_BACKEND=torch bash .ci/run``) runs all of tests/models,
+tests/optimizers and the contract suite on PyTorch. Skipped, with the reason, when
+torch is not installed.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import keras
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "torch_backend" / "torch_script.py"
+from tests.helpers import run_tests_under_backend
+
+TORCH_TESTS = [
+    "tests/models/test_sam.py",
+    "tests/models/test_asam.py",
+    "tests/models/test_ksam.py",
+    "tests/models/test_layerwise.py",
+    "tests/optimizers",
+    "tests/torch_backend",
+    "tests/test_contract.py",
+    "tests/test_hardening.py",
+    "tests/test_batchnorm.py",
+]
+#: As for JAX: from the contract and hardening suites, the tests that exercise backend
+#: code; torch.compile of a plain model (minutes of compilation on a CPU) only in the
+#: PyTorch job.
+TORCH_SELECTION = (
+    "(not (test_contract or test_hardening)"
+    " or test_rho_zero_equals_base_optimizer"
+    " or test_batchnorm_statistics_updated_once"
+    " or test_non_finite_batch_skips_the_step"
+    " or test_keras_file_round_trip"
+    " or test_overflowing_step_is_skipped) and not torch_compile"
+)
+TORCH_TIMEOUT_S = 900
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("torch") is None,
+        reason="torch is not installed: the PyTorch-backend tests need `pip install torch` "
+        "(.ci/run installs the CPU build)",
+    ),
+    pytest.mark.skipif(
+        keras.backend.backend() != "tensorflow",
+        reason="launches the PyTorch subprocess from the default TensorFlow run",
+    ),
+]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                    reason="launched from the default TensorFlow run")
-def test_torch_backend_wrappers_refuse_and_msam_trains():
-    env = dict(os.environ, KERAS_BACKEND="torch")
-    result = subprocess.run([sys.executable, str(SCRIPT)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "OK" in result.stdout, (
-        result.stdout[-3000:] + result.stderr[-3000:]
-    )
+def test_method_tests_pass_on_pytorch():
+    run_tests_under_backend(TORCH_TESTS, TORCH_SELECTION, "torch", TORCH_TIMEOUT_S)

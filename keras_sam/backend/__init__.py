@@ -2,10 +2,11 @@
 
 `keras_sam.backend.interface.Backend` lists the functions keras_sam's methods
 need from a backend; ``keras_sam/backend/<name>/`` implements them for one
-(``tensorflow``, ``jax``; ``torch`` for PyTorch and any other backend, where
-only the Momentum-SAM optimizers work so far). This package re-exports the
-implementation of the active Keras backend, so ``from keras_sam import backend``
-followed by ``backend.forward_and_gradients(...)`` runs the right one.
+(``tensorflow``, ``jax``, ``torch``; ``unsupported`` holds the placeholders used
+on Keras backends that cannot train a model, ``numpy`` and ``openvino``). This
+package re-exports the implementation of the active Keras backend, so ``from
+keras_sam import backend`` followed by ``backend.forward_and_gradients(...)`` runs
+the right one.
 Everything outside this package is written with `keras.ops` and imports no
 backend library.
 """
@@ -22,13 +23,14 @@ from keras_sam.backend.interface import FUNCTIONS
 
 _BACKEND = keras.backend.backend()
 #: The backends whose train-step wrappers are supported.
-SUPPORTED_BACKENDS = ("tensorflow", "jax")
+SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
 _implementation = importlib.import_module(
-    f"keras_sam.backend.{_BACKEND if _BACKEND in SUPPORTED_BACKENDS else 'torch'}"
+    f"keras_sam.backend.{_BACKEND if _BACKEND in SUPPORTED_BACKENDS else 'unsupported'}"
 )
 stateful_train_step = _implementation.stateful_train_step
 dispatched_train_function = _implementation.dispatched_train_function
+check_jit_compile = _implementation.check_jit_compile
 compiles_inside_step = _implementation.compiles_inside_step
 xla_compiled = _implementation.xla_compiled
 snapshot = _implementation.snapshot
@@ -56,10 +58,9 @@ def check_supported(what: Any) -> None:
     if _BACKEND not in SUPPORTED_BACKENDS:
         name = what if isinstance(what, str) else type(what).__name__
         raise NotImplementedError(
-            f"{name} supports the TensorFlow and JAX backends; the active Keras backend "
-            f"is {_BACKEND!r}. Set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax before "
-            "importing keras. (The Momentum-SAM optimizers, keras_sam.optimizers.MSAM and "
-            "AdamWMSAM, need no backend-specific code.)"
+            f"{name} supports the TensorFlow, JAX and PyTorch backends; the active Keras "
+            f"backend is {_BACKEND!r}, which cannot train a model. Set KERAS_BACKEND to "
+            "tensorflow, jax or torch before importing keras."
         )
 
 
@@ -70,6 +71,7 @@ __all__ = [
     "apply_gradients",
     "apply_if_finite",
     "builds_model_in_first_step",
+    "check_jit_compile",
     "check_supported",
     "compiles_inside_step",
     "cross_replica_call",

@@ -13,7 +13,7 @@ from typing import Any
 from keras import ops
 
 from keras_sam import internals
-from keras_sam.backend.interface import Tensor
+from keras_sam.backend.interface import Reader, Tensor, Writer
 
 
 def loss_scale(optimizer: Any) -> Tensor:
@@ -50,6 +50,49 @@ def stateless_loss(
             training=True,
         )
     return loss, y_pred, non_trainable_values, metrics_values
+
+
+def clean_forward(trainer: Any, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor]:
+    """A stateful training-mode forward and its compiled loss: ``(y_pred, loss)``."""
+    y_pred = trainer(x, training=True)
+    loss = trainer.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+    return y_pred, loss
+
+
+# ------------------------------------------------------- backends with stateful variables
+def check_jit_compile(jit_compile: Any, what: str) -> None:
+    """Nothing to check: the backend compiles the whole step (XLA) when asked."""
+
+
+def stateful_train_step(step: Callable[[Any, Any], dict]) -> Callable[..., Any]:
+    """Identity: the trainer calls ``train_step(data)`` on stateful variables."""
+    return step
+
+
+def dispatched_train_function(
+    trainer: Any, choose: Callable[[Reader], Any], after: Callable[[Reader, Writer], None]
+) -> Callable[[Any], Any]:
+    """Keras' train function, running one of several compiled train functions per call.
+
+    ``choose(read)`` returns the compiled train function to run (built by Keras'
+    `make_train_function`); ``after(read, write)`` runs when it has returned.
+    ``read(variable)`` is the variable's value (numpy) and ``write(variable,
+    value)`` assigns one. Here (TensorFlow, PyTorch) a train function is
+    ``f(iterator_or_data) -> logs`` and the variables hold the training state.
+    """
+
+    def read(variable: Any) -> Any:
+        return ops.convert_to_numpy(variable.value)
+
+    def write(variable: Any, value: Any) -> None:
+        variable.assign(value)
+
+    def train_function(data: Any) -> Any:
+        logs = choose(read)(data)
+        after(read, write)
+        return logs
+
+    return train_function
 
 
 # ------------------------------------------------------- backends without replicas

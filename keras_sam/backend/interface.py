@@ -2,11 +2,11 @@
 
 keras_sam's methods are written once, with `keras.ops`, against these
 functions; ``keras_sam/backend/<name>/`` implements them for one Keras backend
-(``tensorflow``, ``jax``; ``torch`` holds the placeholders of a backend whose
-train-step wrappers are not supported yet). Helpers that are the same on every
-backend live in `keras_sam.backend.common` and are not part of this interface.
-`tests/test_backend_interface.py` checks that every backend package defines
-every function below with the same parameters.
+(``tensorflow``, ``jax``, ``torch``; ``unsupported`` holds the placeholders of the
+Keras backends that cannot train). Helpers that are the same on every backend live
+in `keras_sam.backend.common` and are not part of this interface.
+`tests/backend/test_interface.py` checks that every backend package defines every
+function below with the same parameters.
 
 Two kinds of pass exist. The **clean pass** runs the model at the current
 weights in training mode and updates its state (BatchNorm statistics, dropout
@@ -45,6 +45,9 @@ class Backend(Protocol):
     ) -> Callable:
         """A train function that runs ``choose(read)`` (one of several train
         functions made by Keras) per call, then ``after(read, write)``."""
+
+    def check_jit_compile(self, jit_compile: Any, what: str) -> None:
+        """Raises `ValueError` when ``what`` cannot run with ``jit_compile`` here."""
 
     def compiles_inside_step(self, jit_compile: Any, strategy: Any) -> bool:
         """Whether ``jit_compile=True`` must compile the passes inside an uncompiled

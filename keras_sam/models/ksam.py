@@ -106,13 +106,6 @@ class KSAM(SharpnessAwareTrainer):
                 "keras_sam.SAM, which works with `add_loss`-only models."
             )
 
-    def compile_from_config(self, config: dict) -> None:
-        """Compiles a loaded K-SAM as Keras does (Keras skips a `compile` it did not
-        write), with the optimizer's variables ready for the saved state."""
-        self.compile(**keras.saving.deserialize_keras_object(config))
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
-
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
         """The ranking pass on the whole batch, then the ascent gradient on the top k."""
         with batchnorm.record(self.model) as recorded:

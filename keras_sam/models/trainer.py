@@ -185,7 +185,7 @@ class SharpnessAwareTrainer(ModelWrapper):
             )
         if num_batch_splits is not None:
             num_batch_splits = check_int(num_batch_splits, "num_batch_splits", low=1)
-        backend.check_supported(self)  # PyTorch: a clear NotImplementedError
+        backend.check_supported(self)  # numpy, openvino: a clear NotImplementedError
         _refuse_custom_train_step(model, type(self).__name__)
         super().__init__(model, **kwargs)
         self.rho = rho
@@ -197,6 +197,23 @@ class SharpnessAwareTrainer(ModelWrapper):
         self._perturbed_step: Callable[..., list] = self._perturbed_gradients
 
     # ------------------------------------------------------------------ XLA, variants
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """`keras.Model.compile`.
+
+        Raises:
+            ValueError: ``jit_compile=True`` on a backend that cannot compile the
+                step (PyTorch, see `keras_sam.backend.torch.check_jit_compile`).
+        """
+        super().compile(*args, **kwargs)
+        backend.check_jit_compile(self.jit_compile, type(self).__name__)
+
+    def compile_from_config(self, config: dict) -> None:
+        """Compiles a loaded wrapper as Keras does (Keras skips a `compile` it did not
+        write), with the optimizer's variables ready for the saved state."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def make_train_function(self, force: bool = False) -> Any:
         """Keras' train function; ``jit_compile=True`` also works under MirroredStrategy.
 
@@ -214,6 +231,7 @@ class SharpnessAwareTrainer(ModelWrapper):
         """
         if self.train_function is not None and not force:
             return self.train_function
+        backend.check_jit_compile(self.jit_compile, type(self).__name__)
         inside = self._compiles_inside_step()
         self._ascent_step = backend.xla_compiled(self.ascent) if inside else self.ascent
         self._perturbed_step = (
@@ -241,10 +259,18 @@ class SharpnessAwareTrainer(ModelWrapper):
         return self.train_function
 
     def _train_function_of(self, variant: Any) -> Callable:
-        """Keras' train function for one kind of step (`train_step_for`)."""
-        with internals.train_step_replaced(self, self.train_step_for(variant)):
+        """Keras' train function for one kind of step (`train_step_for`), made and
+        run with that step as ``train_step`` (see `internals.train_step_replaced`)."""
+        step = self.train_step_for(variant)
+        with internals.train_step_replaced(self, step):
             super().make_train_function(force=True)
-        return self.train_function
+        function = self.train_function
+
+        def train_function(*args: Any) -> Any:
+            with internals.train_step_replaced(self, step):
+                return function(*args)
+
+        return train_function
 
     def train_step_for(self, variant: Any) -> Callable:
         """Keras' ``train_step`` for one kind of step (`step_variants`), bound to self.

@@ -10,7 +10,7 @@ import pytest
 from keras_sam.backend import interface
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "keras_sam"
-BACKENDS = ("tensorflow", "jax", "torch")
+BACKENDS = ("tensorflow", "jax", "torch", "unsupported")
 #: Modules that must stay backend-free (the issue's list, plus the rest of the package).
 BACKEND_FREE = sorted(
     p for p in PACKAGE.rglob("*.py") if "backend" not in p.relative_to(PACKAGE).parts
@@ -58,7 +58,7 @@ def test_every_backend_defines_every_function(package):
     assert not missing, f"backend/{package} lacks {missing}"
 
 
-@pytest.mark.parametrize("package", ["tensorflow", "jax"])
+@pytest.mark.parametrize("package", ["tensorflow", "jax", "torch"])
 def test_full_backends_take_the_interface_parameters(package):
     names = _module_names(package)
     expected = _protocol_parameters()

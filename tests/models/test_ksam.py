@@ -7,6 +7,7 @@ import pytest
 import keras_sam
 from tests import numpy_reference as ref
 from tests.helpers import (
+    JIT_COMPILE,
     assert_weights_close,
     bn_dropout_model,
     classification_data,
@@ -105,7 +106,7 @@ def test_fraction_rounds_per_actual_batch():
     """A last batch of 4 with k = 0.5 trains on 2 samples, not on round(0.5 * 8)."""
     x = X1[:4]
     trainer = keras_sam.KSAM(_scalar_model(), rho=0.0, k=0.5)
-    trainer.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=True)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=JIT_COMPILE)
     trainer.fit(x, Y1[:4], batch_size=8, epochs=1, verbose=0)
     np.testing.assert_allclose(
         trainer.model.get_weights()[0][0, 0], _expected_rho0_step({1, 2}), atol=1e-6

@@ -12,8 +12,10 @@ from tests.helpers import (
     assert_weights_close,
     bn_dropout_model,
     classification_data,
+    compiled_step_only,
     keras_mlp,
     logits_loss,
+    multi_step_execution,
     plain_model,
 )
 from tests.models import layerwise_reference as lw_ref
@@ -120,15 +122,16 @@ def test_perturbation_touches_only_chosen_layers(radius):
     rng = np.random.default_rng(0)
     grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
     eps = trainer.perturbation(grads, variables)
-    values = [np.asarray(v.value) for v in variables]
-    perturbed = [np.asarray(p) for p in add_perturbation([v.value for v in variables], eps)]
+    to_numpy = keras.ops.convert_to_numpy
+    values = [to_numpy(v.value) for v in variables]
+    perturbed = [to_numpy(p) for p in add_perturbation([v.value for v in variables], eps)]
     norms = {}
     for v, w, p, e in zip(variables, values, perturbed, eps):
         layer = v.path.split("/")[-2]
         if layer == "bn":
             assert np.array_equal(p.view("uint32"), w.view("uint32")), v.path  # bit-identical
         else:
-            norms[layer] = norms.get(layer, 0.0) + float(np.sum(np.square(np.asarray(e))))
+            norms[layer] = norms.get(layer, 0.0) + float(np.sum(np.square(to_numpy(e))))
             np.testing.assert_allclose(p - w, e, atol=1e-6)
     if radius == "joint":
         np.testing.assert_allclose(np.sqrt(sum(norms.values())), 0.3, rtol=1e-5)
@@ -150,7 +153,7 @@ def test_zero_gradient_gives_zero_perturbation():
     trainer.compile(optimizer="sgd", loss=logits_loss())
     variables = trainer.trainable_variables
     eps = trainer.perturbation([np.zeros(v.shape, "float32") for v in variables], variables)
-    assert all(np.all(np.asarray(e) == 0.0) for e in eps if e is not None)
+    assert all(np.all(keras.ops.convert_to_numpy(e) == 0.0) for e in eps if e is not None)
 
 
 # ---------------------------------------------------------------- ranking and schedule
@@ -210,6 +213,7 @@ def test_largest_gradient_layer_is_chosen_on_schedule_without_retracing(jit_comp
         assert CountingLayerwiseSAM.traces == 2
 
 
+@multi_step_execution
 def test_reselection_with_steps_per_execution_happens_between_executions():
     x, y = classification_data(n=32)
     trainer = LayerwiseSAM(
@@ -257,6 +261,7 @@ def _matmuls_in_compiled_step(trainer, x, y, train_step=None):
     return sum(line.count(" dot(") for line in text.splitlines())
 
 
+@compiled_step_only
 def test_compiled_step_truncates_the_ascent_and_reuses_activations():
     """Head chosen: the clean backward stops at the head, and the perturbed pass reuses
     the clean activations below it. An MLP of 5 Dense layers: SGD computes 5 products

@@ -96,7 +96,9 @@ def test_rho_zero_equals_keras_adam_and_adamw():
             for model in (a, b):
                 grads = linear_mse_grads([v.numpy() for v in model.trainable_variables], xb, yb)
                 model.optimizer.apply(
-                    [g.astype("float32") for g in grads], model.trainable_variables
+                    # tensors: Keras' own optimizers on PyTorch take no numpy arrays
+                    [keras.ops.convert_to_tensor(g, "float32") for g in grads],
+                    model.trainable_variables,
                 )
         for va, vb in zip(a.trainable_variables, b.trainable_variables):
             np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=tol)

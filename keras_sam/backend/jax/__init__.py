@@ -64,6 +64,7 @@ from keras_sam import batchnorm, internals
 from keras_sam.backend import common
 from keras_sam.backend.common import (
     builds_model_in_first_step,
+    check_jit_compile,
     compiles_inside_step,
     cross_replica_call,
     is_multi_worker,
@@ -77,6 +78,7 @@ from keras_sam.ops import multiply_sample_weight
 
 __all__ = [  # the shared pieces of the interface, re-exported
     "builds_model_in_first_step",
+    "check_jit_compile",
     "compiles_inside_step",
     "cross_replica_call",
     "is_multi_worker",

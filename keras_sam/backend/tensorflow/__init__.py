@@ -25,12 +25,24 @@ from keras import ops, tree
 
 from keras_sam import internals
 from keras_sam.backend import common
-from keras_sam.backend.common import loss_scale
-from keras_sam.backend.interface import Reader, Tensor, Writer
+from keras_sam.backend.common import (
+    check_jit_compile,
+    dispatched_train_function,
+    loss_scale,
+    stateful_train_step,
+)
+from keras_sam.backend.interface import Tensor
 from keras_sam.backend.tensorflow.xla import compiles_inside_step, xla_compiled
 from keras_sam.ops import multiply_sample_weight
 
-__all__ = ["compiles_inside_step", "loss_scale", "xla_compiled"]  # re-exported
+__all__ = [  # re-exported
+    "check_jit_compile",
+    "compiles_inside_step",
+    "dispatched_train_function",
+    "loss_scale",
+    "stateful_train_step",
+    "xla_compiled",
+]
 
 
 def snapshot(variables: Sequence[Any]) -> list[Tensor]:
@@ -137,37 +149,6 @@ def _first_local(distribution: Any, value: Any) -> Any:
     return distribution.experimental_local_results(value)[0]
 
 
-def stateful_train_step(step: Any) -> Any:
-    """Identity: the TensorFlow trainer calls ``train_step(data)`` on stateful variables."""
-    return step
-
-
-def dispatched_train_function(
-    trainer: Any, choose: Callable[[Reader], Any], after: Callable[[Reader, Writer], None]
-) -> Callable[[Any], Any]:
-    """Keras' train function, running one of several compiled train functions per call.
-
-    ``choose(read)`` returns the compiled train function to run (built by Keras'
-    `make_train_function`); ``after(read, write)`` runs when it has returned.
-    ``read(variable)`` is the variable's value (numpy) and ``write(variable,
-    value)`` assigns one. On TensorFlow a train function is ``f(iterator) ->
-    logs`` and the variables hold the training state.
-    """
-
-    def read(variable: Any) -> Any:
-        return ops.convert_to_numpy(variable.value)
-
-    def write(variable: Any, value: Any) -> None:
-        variable.assign(value)
-
-    def train_function(iterator: Any) -> Any:
-        logs = choose(read)(iterator)
-        after(read, write)
-        return logs
-
-    return train_function
-
-
 def forward_and_gradients(
     trainer: Any, x: Any, y: Any, sample_weight: Any, wrt: Sequence[Any]
 ) -> tuple[Tensor, Any, list[Tensor | None]]:
@@ -177,7 +158,7 @@ def forward_and_gradients(
     gradients of a few top layers stops backpropagation at the lowest of them.
     """
     with tf.GradientTape() as tape:
-        y_pred, loss = _clean_forward(trainer, x, y, sample_weight)
+        y_pred, loss = common.clean_forward(trainer, x, y, sample_weight)
         scaled = trainer.optimizer.scale_loss(loss)
     grads = tape.gradient(scaled, list(wrt)) if wrt else []
     return loss, y_pred, [_dense(g) for g in grads]
@@ -199,7 +180,7 @@ def forward_and_sample_scores(
     with tf.GradientTape() as tape:
         tape.watch(unit)
         weighted = multiply_sample_weight(sample_weight, unit)
-        y_pred, loss = _clean_forward(trainer, x, y, weighted)
+        y_pred, loss = common.clean_forward(trainer, x, y, weighted)
     scores = tape.gradient(loss, unit, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return loss, y_pred, scores
 
@@ -212,7 +193,8 @@ def forward_gradients_and_sample_scores(
     unit = _ones_per_sample(x)
     with tf.GradientTape() as tape:
         tape.watch(unit)
-        y_pred, loss = _clean_forward(trainer, x, y, multiply_sample_weight(sample_weight, unit))
+        weighted = multiply_sample_weight(sample_weight, unit)
+        y_pred, loss = common.clean_forward(trainer, x, y, weighted)
         scaled = trainer.optimizer.scale_loss(loss)
     *grads, scores = tape.gradient(scaled, [*wrt, unit])
     scores = tf.zeros_like(unit) if scores is None else scores / loss_scale(trainer.optimizer)
@@ -290,12 +272,6 @@ def _stateless_loss(
 def _ones_per_sample(x: Any) -> Tensor:
     """A float32 1 per sample of ``x`` (the factors per-sample scores differentiate)."""
     return tf.ones([tf.shape(tree.flatten(x)[0])[0]], dtype="float32")
-
-
-def _clean_forward(trainer: Any, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor]:
-    y_pred = trainer(x, training=True)
-    loss = trainer.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-    return y_pred, loss
 
 
 def _dense(gradient: Any) -> Any:
