@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmarks: backend/device flags, the method registry,
-memory accounting, machine description and result writing.
+"""What the benchmarks share besides timing (`benchmarks.harness`): backend and device
+flags, the methods of the registry, memory accounting and the machine's description.
 
 Nothing here imports Keras at module level: ``--backend`` must be able to set
 ``KERAS_BACKEND`` before Keras is first imported. Nothing on the JAX path imports
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks import harness
 
 SUPPORTED_BACKENDS = ("tensorflow",)  # a script passes its own tuple to `setup_backend`
 KNOWN_BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")
@@ -205,10 +206,7 @@ def machine_info(device: str) -> dict:
 
     import keras_sam
 
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = None
+    load = harness.load_now()
     memory = None
     try:
         with open("/proc/meminfo") as f:
@@ -256,13 +254,6 @@ def _module_name() -> str:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     return spec.name if spec is not None else Path(sys.argv[0]).name
-
-
-def load_now() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def peak_rss_bytes() -> int:
@@ -373,45 +364,3 @@ def added_variable_bytes(trainer: Any, model: Any, base_optimizer_bytes: int) ->
         "wrapper_bytes": wrapper_bytes,
         "added_bytes": optimizer_bytes + wrapper_bytes - base_optimizer_bytes,
     }
-
-
-# ---------------------------------------------------------------------- output
-def ensure_dir(path: str | os.PathLike) -> Path:
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=True) + "\n")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    return value
-
-
-def human_bytes(count: float | None) -> str:
-    if count is None or (isinstance(count, float) and not math.isfinite(count)):
-        return "n/a"
-    sign = "-" if count < 0 else ""
-    count = abs(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{sign}{count:.0f} {unit}" if unit == "B" else f"{sign}{count:.1f} {unit}"
-        count /= 1024
-    return f"{sign}{count:.1f} GiB"
-
-
-def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
-    q1, median, q3 = np.percentile(np.asarray(values, "float64"), [25, 50, 75])
-    return float(q1), float(median), float(q3)

@@ -37,11 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, harness
+from benchmarks.generalization_report import aggregate, markdown, plot
 
-CHEAP = ("ksam", "layerwise", "msam", "adamw-msam")
-SUPPORTED_BACKENDS = ("tensorflow", "jax")
-TARGET_FRACTION_OF_SAM_GAIN = 0.8
+SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def load_data(noise: float, seed: int) -> dict:
@@ -132,7 +131,7 @@ class MethodRun:
             optimizer=method.optimizer(lr, rho_schedule),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
-            jit_compile=True,
+            jit_compile=common.jit_compile(),
         )
         self.trainer.optimizer.build(self.trainer.trainable_variables)
         own = {id(v) for v in self.model.variables}
@@ -205,180 +204,6 @@ def _accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
     # One eager inference call on the whole (small) set: no per-shape XLA compiles.
     logits = keras.ops.convert_to_numpy(model(x, training=False))
     return float(np.mean(np.argmax(logits, axis=-1) == y))
-
-
-# ---------------------------------------------------------------------- aggregation
-def aggregate(runs: list[dict], methods: dict, names: Sequence[str], noises: Sequence[float]
-              ) -> dict:
-    """Grid statistics, the ρ chosen on validation accuracy, and the summary per noise."""
-    by_key: dict[tuple, list[dict]] = {}
-    for r in runs:
-        by_key.setdefault((r["noise"], r["method"], r["rho"]), []).append(r)
-    base_time = {
-        (r["noise"], r["seed"], r["method"]): r["train_time_s"]
-        for r in runs
-        if methods[r["method"]].base == r["method"]
-    }
-    grid = []
-    for (noise, name, rho), group in by_key.items():
-        test = [g["test_accuracy"] for g in group]
-        ratios = [
-            g["train_time_s"] / base_time[(noise, g["seed"], methods[name].base)]
-            for g in group
-            if (noise, g["seed"], methods[name].base) in base_time
-        ]
-        grid.append({
-            "noise": noise, "method": name, "rho": rho, "seeds": [g["seed"] for g in group],
-            "test_mean": float(np.mean(test)), "test_std": float(np.std(test)),
-            "val_mean": float(np.mean([g["val_accuracy"] for g in group])),
-            "train_noisy_mean": float(np.mean([g["train_accuracy_noisy"] for g in group])),
-            "cost_ratio": float(np.median(ratios)) if ratios else float("nan"),
-            "ascent_sharpness": float(np.mean([g["sharpness"]["ascent"] for g in group])),
-            "random_sharpness": float(np.mean([g["sharpness"]["random"] for g in group])),
-            "hessian_top": float(np.mean([g["sharpness"]["hessian_top"] for g in group])),
-            "m_sharpness": float(np.mean([g["sharpness"]["m_sharpness"] for g in group])),
-            "final_loss": float(np.mean([g["sharpness"]["loss"] for g in group])),
-            "test_curve": np.mean([g["test_curve"] for g in group], axis=0).tolist(),
-        })
-    summary: dict[str, dict] = {}
-    for noise in noises:
-        chosen = {}
-        for name in names:
-            rows = [g for g in grid if g["noise"] == noise and g["method"] == name]
-            if rows:
-                chosen[name] = max(rows, key=lambda g: (g["val_mean"], -(g["rho"] or 0)))
-        sam_gain = (
-            chosen["sam"]["test_mean"] - chosen["sgd"]["test_mean"]
-            if "sam" in chosen and "sgd" in chosen else float("nan")
-        )
-        rows = {}
-        for name, g in chosen.items():
-            base = chosen.get(methods[name].base)
-            gain = g["test_mean"] - base["test_mean"] if base else float("nan")
-            fraction = gain / sam_gain if sam_gain and np.isfinite(sam_gain) and sam_gain > 0 \
-                else float("nan")
-            rows[name] = {
-                **{k: v for k, v in g.items() if k not in ("test_curve",)},
-                "gain_over_base": gain,
-                "fraction_of_sam_gain": fraction if name != methods[name].base else None,
-                "meets_target": (
-                    bool(fraction >= TARGET_FRACTION_OF_SAM_GAIN)
-                    if name in CHEAP and np.isfinite(fraction) else None
-                ),
-                "test_curve": g["test_curve"],
-            }
-        summary[f"{noise:g}"] = {"sam_gain": sam_gain, "methods": rows}
-    return {"grid": grid, "summary": summary}
-
-
-# ---------------------------------------------------------------------- reporting
-def markdown(report: dict) -> str:
-    m = report["machine"]
-    s = report["settings"]
-    methods = report["methods"]
-    lines = [
-        "# Generalization benchmark: digits with label noise",
-        "",
-        f"`{m['command']}` — {m['date']}, {m['device']}, load average (1/5/15 min) at start "
-        f"{m['load_average_1_5_15']}, total {report['wall_clock_s'] / 60:.1f} min.",
-        "",
-        f"Model `{s['model']}`, {s['epochs']} epochs, batch {s['batch_size']}, cosine LR "
-        f"(SGD-momentum {s['learning_rate']['sgd']}, AdamW {s['learning_rate']['adamw']}), "
-        f"seeds {s['seeds']}, XLA. ρ chosen per method and noise by mean validation "
-        "accuracy (noisy labels). Cost = training-step wall time / base optimizer's, same "
-        "noise and seed (median). Sharpness on "
-        f"{s['sharpness_samples']} training samples (their noisy labels), inference mode: "
-        f"ascent = L(w + ρ g/‖g‖) − L(w) at ρ = {s['sharpness_rho']}; random = mean "
-        f"L(w + α d) − L(w) over {s['sharpness_directions']} filter-normalized Gaussian "
-        f"directions, α = {s['sharpness_alpha']}.",
-        "",
-    ]
-    for noise, block in report["summary"].items():
-        lines += [
-            f"## Label noise {float(noise):.0%} (SAM's gain over SGD: "
-            f"{100 * block['sam_gain']:+.2f} points)",
-            "",
-            "| method | ρ | test accuracy (%) | gain over base | of SAM's gain | cost | "
-            "ascent sharpness | m-sharpness | Hessian λ_max | random sharpness |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for name, r in block["methods"].items():
-            fraction = r["fraction_of_sam_gain"]
-            if fraction is None:
-                frac_text = ""
-            elif not np.isfinite(fraction):
-                frac_text = "n/a"
-            else:
-                mark = {True: " ✅", False: " ❌", None: ""}[r["meets_target"]]
-                frac_text = f"{100 * fraction:.0f} %{mark}"
-            rho = "" if r["rho"] is None else f"{r['rho']:g}"
-            gain = "" if methods[name]["base"] == name else f"{100 * r['gain_over_base']:+.2f}"
-            lines.append(
-                f"| {methods[name]['label']} | {rho} | {100 * r['test_mean']:.2f} ± "
-                f"{100 * r['test_std']:.2f} | {gain} | {frac_text} | {r['cost_ratio']:.2f}× "
-                f"| {r['ascent_sharpness']:.4f} | {r['m_sharpness']:.4f} "
-                f"| {r['hessian_top']:.3g} | {r['random_sharpness']:.4f} |"
-            )
-        lines.append("")
-    lines += [
-        "## Full grid",
-        "",
-        "| noise | method | ρ | test accuracy (%) | validation (%) | train, noisy labels (%) "
-        "| cost | ascent sharpness | m-sharpness | Hessian λ_max | random sharpness |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for g in report["grid"]:
-        rho = "" if g["rho"] is None else f"{g['rho']:g}"
-        lines.append(
-            f"| {g['noise']:.0%} | {methods[g['method']]['label']} | {rho} "
-            f"| {100 * g['test_mean']:.2f} ± {100 * g['test_std']:.2f} | {100 * g['val_mean']:.2f} "
-            f"| {100 * g['train_noisy_mean']:.2f} | {g['cost_ratio']:.2f}× "
-            f"| {g['ascent_sharpness']:.4f} | {g['m_sharpness']:.4f} | {g['hessian_top']:.3g} "
-            f"| {g['random_sharpness']:.4f} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(report: dict, out: Any) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    noises = list(report["summary"])
-    labels = {n: m["label"] for n, m in report["methods"].items()}
-    fig, axes = plt.subplots(1, len(noises), figsize=(5.2 * len(noises), 4.2), squeeze=False)
-    for ax, noise in zip(axes[0], noises):
-        for i, (name, r) in enumerate(report["summary"][noise]["methods"].items()):
-            marker = "s" if report["methods"][name]["base"] == name else "o"
-            ax.errorbar(r["cost_ratio"], 100 * r["test_mean"], yerr=100 * r["test_std"],
-                        fmt=marker, color=f"C{i}", capsize=3, label=labels[name])
-        ax.set_xlabel("training cost / base optimizer")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"label noise {float(noise):.0%}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Accuracy vs cost (ρ chosen on validation; mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(out / "generalization_tradeoff.png", dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, len(noises), figsize=(5.2 * len(noises), 4.2), squeeze=False)
-    for ax, noise in zip(axes[0], noises):
-        for i, (name, r) in enumerate(report["summary"][noise]["methods"].items()):
-            style = "--" if report["methods"][name]["base"] == name else "-"
-            curve = 100 * np.asarray(r["test_curve"])
-            ax.plot(np.arange(1, len(curve) + 1), curve, style, color=f"C{i}",
-                    label=labels[name])
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"label noise {float(noise):.0%}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Test accuracy during training (mean over seeds, chosen ρ)")
-    fig.tight_layout()
-    fig.savefig(out / "generalization_curves.png", dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------- main
@@ -479,13 +304,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "runs": runs,
     }
     report.update(aggregate(runs, methods, names, args.noise))
-    report["machine"]["load_average_at_end"] = common.load_now()
+    report["load"] = harness.machine_load(machine["load_average_1_5_15"])
     if machine["keras_backend"] == "jax":
         report["machine"]["tensorflow_imported"] = common.tensorflow_imported()
     report["wall_clock_s"] = time.perf_counter() - start
-    out = common.ensure_dir(args.out)
-    common.write_json(out / "generalization.json", report)
-    (out / "generalization.md").write_text(markdown(report) + "\n")
+    out = harness.write_results(args.out, "generalization", report, markdown(report))
     plot(report, out)
     print(markdown(report).split("## Full grid")[0])
     print(f"wrote {out / 'generalization.json'}, generalization.md and PNGs in "

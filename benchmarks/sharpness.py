@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, harness
 
 
 def sharpness(
@@ -61,25 +61,15 @@ def sharpness(
     }
 
 
-def _time(fn: Any, repeats: int) -> float:
-    fn()  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def measure_cost(samples: int, repeats: int) -> dict:
     """Median seconds of a gradient and of an HVP on one batch, and of the top eigenvalue."""
     import keras
 
-    from benchmarks import speed
+    from benchmarks import workloads
     from keras_sam import backend
     from keras_sam import sharpness as measure
 
-    model = speed.build_cnn(0)
+    model = workloads.build_cnn(0)
     rng = np.random.default_rng(0)
     x = rng.random((samples, 32, 32, 3), dtype="float32")
     y = rng.integers(0, 10, size=(samples,))
@@ -99,8 +89,13 @@ def measure_cost(samples: int, repeats: int) -> dict:
     def block(out: Any) -> None:
         keras.ops.convert_to_numpy(out[0])
 
-    gradient_s = _time(lambda: block(gradient(values)), repeats)
-    hvp_s = _time(lambda: block(hvp(values, vectors)), repeats)
+    steps = {
+        "gradient": harness.timed(lambda: gradient(values), block),
+        "hvp": harness.timed(lambda: hvp(values, vectors), block),
+    }
+    harness.warm_up(steps, 1)  # compiles
+    rounds = harness.interleave(steps, repeats, 1)
+    gradient_s, hvp_s = (rounds.summary(n)["median_step_s"] for n in steps)
     start = time.perf_counter()
     top = measure.hessian_eigenvalues(model, (x, y), loss, k=1, seed=0, batch_size=128)
     eigen_s = time.perf_counter() - start
@@ -123,20 +118,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     common.setup_backend(args.backend, parser)
     samples, repeats = (128, 3) if args.quick else (args.samples, args.repeats)
     report = {"machine": common.machine_info(args.device), "cost": measure_cost(samples, repeats)}
-    out = common.ensure_dir(args.out)
-    common.write_json(out / "sharpness_cost.json", report)
+    report["load"] = harness.machine_load(report["machine"]["load_average_1_5_15"])
     cost = report["cost"]
     text = (
         "# What measuring sharpness costs\n\n"
         f"`{report['machine']['command']}` — {report['machine']['date']}, "
-        f"{report['machine']['device']}, load {report['machine']['load_average_1_5_15']}.\n\n"
+        f"{report['machine']['device']}. {harness.load_note(report['load'])}\n\n"
         "Speed benchmark CNN (BatchNorm, 32×32×3), inference mode, batch 128, compiled.\n\n"
         "| gradient (ms) | Hessian-vector product (ms) | HVP / gradient | "
         f"top eigenvalue on {cost['samples']} samples (s) |\n|---|---|---|---|\n"
         f"| {1000 * cost['gradient_s']:.1f} | {1000 * cost['hvp_s']:.1f} | "
-        f"{cost['hvp_over_gradient']:.2f}× | {cost['top_eigenvalue_s']:.1f} |\n"
+        f"{cost['hvp_over_gradient']:.2f}× | {cost['top_eigenvalue_s']:.1f} |"
     )
-    (out / "sharpness_cost.md").write_text(text, encoding="utf-8")
+    harness.write_results(args.out, "sharpness_cost", report, text)
     print(text)
     return report
 
