@@ -77,8 +77,8 @@ class MSAMCallback(keras.callbacks.Callback):
             optimizer state).
 
     Raises:
-        ValueError: at ``on_train_begin`` (or the first swap) if the model's optimizer is not
-            a Momentum-SAM optimizer.
+        ValueError: at ``on_train_begin`` (or the first swap) if the model has no
+            Momentum-SAM optimizer, compiled or held as an attribute.
 
     Examples:
         Validation and checkpoints see the clean weights.
@@ -98,34 +98,46 @@ class MSAMCallback(keras.callbacks.Callback):
     def __init__(self, swap_on_epoch: bool = True) -> None:
         super().__init__()
         self.swap_on_epoch = bool(swap_on_epoch)
-        self._optimizer: MomentumPerturbationOptimizer | None = None
+        self._optimizers: list[MomentumPerturbationOptimizer] = []
         self._in_fit = False
         self._in_epoch = False
         self._restore_after_test = False
         self._restore_after_predict = False
 
-    def _get_optimizer(self) -> MomentumPerturbationOptimizer:
-        optimizer = find_momentum_sam_optimizer(getattr(self.model, "optimizer", None))
-        if optimizer is None:
+    def _get_optimizers(self) -> list[MomentumPerturbationOptimizer]:
+        """The model's Momentum-SAM optimizers: the compiled one, and those the model
+        holds as attributes (a GAN's ``self.d_optimizer``, used by its own
+        `train_step`)."""
+        candidates = [getattr(self.model, "optimizer", None), *vars(self.model).values()]
+        found: list[MomentumPerturbationOptimizer] = []
+        for candidate in candidates:
+            if not isinstance(candidate, keras.optimizers.Optimizer):
+                continue
+            optimizer = find_momentum_sam_optimizer(candidate)
+            if optimizer is not None and all(optimizer is not f for f in found):
+                found.append(optimizer)
+        if not found:
             raise ValueError(
                 "MSAMCallback needs a model compiled with a keras_sam Momentum-SAM optimizer "
                 "(keras_sam.optimizers.MSAM or AdamWMSAM, possibly inside a "
-                f"LossScaleOptimizer); got {getattr(self.model, 'optimizer', None)!r}."
+                "LossScaleOptimizer), or holding such optimizers as attributes; got "
+                f"{getattr(self.model, 'optimizer', None)!r}."
             )
-        return optimizer
+        return found
 
     def _remove(self) -> bool:
-        optimizer = self._get_optimizer()
-        return optimizer.built and optimizer.remove_perturbation()
+        removed = [o.built and o.remove_perturbation() for o in self._get_optimizers()]
+        return any(removed)
 
     def _apply(self) -> bool:
-        optimizer = self._get_optimizer()
-        return optimizer.built and optimizer.apply_perturbation()
+        applied = [o.built and o.apply_perturbation() for o in self._get_optimizers()]
+        return any(applied)
 
     # -- training
     def on_train_begin(self, logs: dict | None = None) -> None:
-        self._optimizer = self._get_optimizer()
-        self._optimizer.attach_callback()
+        self._optimizers = self._get_optimizers()
+        for optimizer in self._optimizers:
+            optimizer.attach_callback()
         self._in_fit = True
         if not self.swap_on_epoch:
             self._apply()
@@ -144,11 +156,12 @@ class MSAMCallback(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         self._in_fit = False
         self._in_epoch = False
-        if self._optimizer is not None:
-            # `fit` already called finalize_variable_values; this is idempotent.
-            self._optimizer.remove_perturbation()
-            self._optimizer.detach_callback()
-            self._optimizer = None
+        for optimizer in self._optimizers:
+            # `fit` already finalized its compiled optimizer; this is idempotent, and
+            # needed for the optimizers a custom `train_step` uses.
+            optimizer.remove_perturbation()
+            optimizer.detach_callback()
+        self._optimizers = []
 
     # -- evaluation
     def on_test_begin(self, logs: dict | None = None) -> None:

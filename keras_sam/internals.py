@@ -85,6 +85,84 @@ def train_step_replaced(model: keras.Model, step: Callable) -> Iterator[None]:
         del model.train_step
 
 
+@contextlib.contextmanager
+def state_unlocked(layer: keras.layers.Layer) -> Iterator[None]:
+    """Inside, a built ``layer`` accepts new variables (``Layer._tracker``, locked
+    once a layer is built; Keras unlocks it the same way to quantize a layer)."""
+    locked = layer._tracker.locked
+    layer._tracker.unlock()
+    try:
+        yield
+    finally:
+        if locked:
+            layer._tracker.lock()
+
+
+# --------------------------------------------------------------------------- weights files
+#: The group of a ``.weights.h5`` file holding a wrapper's own variables.
+WRAPPER_GROUP = "keras_sam"
+
+
+def write_model_weights(path: str, model: keras.Model, optimizer: Any, wrapper: Any) -> None:
+    """A ``.weights.h5`` file in ``model``'s own layout (what ``model.save_weights``
+    writes, so ``model.load_weights`` reads it), with ``optimizer``'s variables in the
+    ``optimizer`` group and ``wrapper``'s own variables in `WRAPPER_GROUP`.
+
+    Written with Keras' own state walk (``saving_lib._save_state``, ``H5IOStore``).
+    """
+    from keras.src.saving import saving_lib
+
+    store = saving_lib.H5IOStore(path, mode="w")
+    try:
+        skip = {id(getattr(model, "optimizer", None))}  # the model's own, if compiled
+        saving_lib._save_state(model, store, None, "", skip)
+        if optimizer is not None:
+            saving_lib._save_state(optimizer, store, None, "optimizer", set())
+        if wrapper.variables_of_its_own():
+            wrapper.save_own_variables(store.make(WRAPPER_GROUP))
+    finally:
+        store.close()
+
+
+def confirm_overwrite(path: str) -> bool:
+    """Keras' interactive question before overwriting ``path``
+    (``io_utils.ask_to_proceed_with_overwrite``)."""
+    from keras.src.utils import io_utils
+
+    return bool(io_utils.ask_to_proceed_with_overwrite(path))
+
+
+def read_model_weights(
+    path: str, model: keras.Model, optimizer: Any, wrapper: Any, skip_mismatch: bool
+) -> None:
+    """Reads a file in ``model``'s layout (`write_model_weights`, or
+    ``model.save_weights``): the model's variables, then the optimizer's and the
+    wrapper's where the file has them (a model's own file has neither of the latter).
+
+    Raises:
+        ValueError: the file does not hold ``model``'s variables (Keras' message).
+    """
+    import h5py
+    from keras.src.saving import saving_lib
+
+    with h5py.File(path, "r") as file:
+        groups = set(file.keys())
+    store = saving_lib.H5IOStore(path, mode="r")
+    try:
+        failed: set = set()
+        errors: dict = {}
+        skip = {id(getattr(model, "optimizer", None))}
+        saving_lib._load_state(model, store, None, "", skip_mismatch, skip, failed, errors)
+        if failed:
+            saving_lib._raise_loading_failure(errors, warn_only=skip_mismatch)
+        if optimizer is not None and "optimizer" in groups:
+            saving_lib._load_state(optimizer, store, None, "optimizer", skip_mismatch, set())
+        if WRAPPER_GROUP in groups and wrapper.variables_of_its_own():
+            wrapper.load_own_variables(store.get(WRAPPER_GROUP))
+    finally:
+        store.close()
+
+
 # --------------------------------------------------------------------------- BatchNorm
 @contextlib.contextmanager
 def batchnorm_moments_replaced(model: keras.Model, moments: Callable) -> Iterator[None]:
@@ -209,6 +287,14 @@ def _required() -> list[tuple[str, Callable[[], bool]]]:
 
         return check
 
+    def weights_walk() -> bool:
+        from keras.src.saving import saving_lib
+        from keras.src.utils import io_utils
+
+        names = ("_save_state", "_load_state", "_raise_loading_failure", "H5IOStore")
+        asks = hasattr(io_utils, "ask_to_proceed_with_overwrite")
+        return asks and all(hasattr(saving_lib, name) for name in names)
+
     def batchnorm_axes() -> bool:
         layer = keras.layers.BatchNormalization()
         layer.build((2, 3))
@@ -219,6 +305,8 @@ def _required() -> list[tuple[str, Callable[[], bool]]]:
 
     checks = [
         ("Layer._flatten_layers", has(keras.layers.Layer, "_flatten_layers")),
+        ("Layer._tracker.unlock", lambda: hasattr(keras.layers.Dense(1)._tracker, "unlock")),
+        ("saving_lib._save_state, _load_state, H5IOStore", weights_walk),
         ("BatchNormalization._moments", has(keras.layers.BatchNormalization, "_moments")),
         ("BatchNormalization._reduction_axes", batchnorm_axes),
         ("Layer._seed_generators", lambda: hasattr(keras.layers.Dropout(0.5), "_seed_generators")),

@@ -50,6 +50,30 @@ def bn_dropout_model(
     return keras.Model(inputs, outputs)
 
 
+class Subclassed(keras.Model):
+    """The usual ``class MyModel(keras.Model)``: no Input, built by its first batch."""
+
+    def __init__(self, n_classes: int = 3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(8, activation="tanh")
+        self.out = keras.layers.Dense(n_classes)
+
+    def call(self, inputs):
+        return self.out(self.hidden(inputs))
+
+
+def lazy_models() -> dict:
+    """Models whose variables the first batch creates: a subclassed model and a
+    Sequential without an Input (same layers, seeded)."""
+
+    def sequential() -> keras.Model:
+        return keras.Sequential(
+            [keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)]
+        )
+
+    return {"subclassed": Subclassed, "sequential": sequential}
+
+
 def plain_model(seed: int = 1, n_in: int = 8, n_classes: int = 3) -> keras.Model:
     """A classifier without BatchNormalization or Dropout."""
     keras.utils.set_random_seed(seed)

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from tests.helpers import (
+    JIT_COMPILE,
     assert_weights_close,
     bn_dropout_model,
     classification_data,
+    lazy_models,
     logits_loss,
     max_abs_diff,
     mirrored_strategy,
@@ -238,6 +240,73 @@ def test_keras_file_round_trip_resumes_training(method, tmp_path):
     _fit(trainer, epochs=1, seed=9)
     _fit(restored, epochs=1, seed=9)
     assert_weights_close(_inner(restored).get_weights(), _inner(trainer).get_weights(), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- kinds of model
+@wrappers
+@pytest.mark.parametrize("kind", sorted(lazy_models()))
+def test_a_model_built_by_its_first_batch_trains_as_one_built_up_front(method, kind):
+    weights = []
+    for build_first in (False, True):
+        keras.utils.set_random_seed(0)
+        model = lazy_models()[kind]()
+        if build_first:
+            model(X[:1])
+        trainer = _compiled(method, model, 0.2, JIT_COMPILE)
+        _fit(trainer)
+        weights.append(model.get_weights())
+    assert len(weights[0]) == 4
+    assert_weights_close(weights[0], weights[1], atol=1e-6)
+
+
+def _dict_input_model():
+    keras.utils.set_random_seed(3)
+    inputs = {"left": keras.Input((5,), name="left"), "right": keras.Input((3,), name="right")}
+    h = keras.layers.Concatenate()([inputs["left"], inputs["right"]])
+    h = keras.layers.Dense(8, activation="tanh")(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+@wrappers
+def test_dict_inputs_train_as_the_concatenated_features(method):
+    """A model fed ``{"left": x[:, :5], "right": x[:, 5:]}`` trains exactly as its twin
+    fed ``x`` (the first layer concatenates; the same initial weights)."""
+    trainer = _compiled(method, _dict_input_model(), 0.2)
+    keras.utils.set_random_seed(5)
+    trainer.fit({"left": X[:, :5], "right": X[:, 5:]}, Y, batch_size=16, epochs=2,
+                shuffle=False, verbose=0)
+    twin_inputs = keras.Input((8,))
+    twin_body = keras.Sequential(_dict_input_model().layers[-2:])
+    twin = keras.Model(twin_inputs, twin_body(twin_inputs))
+    twin_trainer = _compiled(method, twin, 0.2)
+    _fit(twin_trainer)
+    assert_weights_close(_inner(trainer).get_weights(), twin.get_weights(), atol=1e-5)
+
+
+class _AddLossOnly(keras.layers.Layer):
+    """keras-io's endpoint-layer pattern: the loss is `add_loss`, none is compiled."""
+
+    def call(self, targets, logits):
+        self.add_loss(keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)))
+        return logits
+
+
+@wrappers
+def test_a_model_whose_loss_is_add_loss_only_trains_or_is_refused_at_compile(method):
+    keras.utils.set_random_seed(0)
+    inputs, targets = keras.Input((8,)), keras.Input((), dtype="int32")
+    logits = keras.layers.Dense(3)(inputs)
+    model = keras.Model([inputs, targets], _AddLossOnly()(targets, logits))
+    trainer = method.trainer(model, 0.1)
+    try:
+        trainer.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=JIT_COMPILE)
+    except ValueError as error:  # a method that ranks samples by their loss
+        assert "add_loss" in str(error)
+        return
+    history = trainer.fit([X, Y], batch_size=16, epochs=3, shuffle=False, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
 # --------------------------------------------------------------------------- distribution

@@ -37,15 +37,17 @@ JAX_TESTS = [
     "tests/test_hardening.py",
     "tests/test_sharpness.py",
     "tests/test_batchnorm.py",
+    "tests/test_keras_habits.py",
 ]
 #: ``jit_compile=False`` variants are left out: on JAX they run eagerly, op by op, which
 #: costs minutes and exercises no backend code the compiled run does not.
 JAX_SELECTION = (
-    "(not (test_contract or test_hardening)"
+    "(not (test_contract or test_hardening or test_keras_habits)"
     " or (test_rho_zero_equals_base_optimizer and True)"
     " or test_batchnorm_statistics_updated_once"
     " or test_non_finite_batch_skips_the_step"
     " or test_keras_file_round_trip"
+    " or (test_keras_habits and (weights or checkpoint or backup_and_restore))"
     " or test_overflowing_step_is_skipped) and not False"
 )
 #: The JAX run's time limit; it takes about 6 min alone on 2 cores, more beside the rest.

@@ -30,16 +30,18 @@ TORCH_TESTS = [
     "tests/test_contract.py",
     "tests/test_hardening.py",
     "tests/test_batchnorm.py",
+    "tests/test_keras_habits.py",
 ]
 #: As for JAX: from the contract and hardening suites, the tests that exercise backend
 #: code; torch.compile of a plain model (minutes of compilation on a CPU) only in the
 #: PyTorch job.
 TORCH_SELECTION = (
-    "(not (test_contract or test_hardening)"
+    "(not (test_contract or test_hardening or test_keras_habits)"
     " or test_rho_zero_equals_base_optimizer"
     " or test_batchnorm_statistics_updated_once"
     " or test_non_finite_batch_skips_the_step"
     " or test_keras_file_round_trip"
+    " or (test_keras_habits and (weights or checkpoint or backup_and_restore))"
     " or test_overflowing_step_is_skipped) and not torch_compile"
 )
 TORCH_TIMEOUT_S = 900

@@ -110,6 +110,10 @@ class ESAM(SharpnessAwareTrainer):
         """Whether SDS runs (``gamma`` < 0.99)."""
         return self.gamma < KEEP_ALL_GAMMA
 
+    def ranks_samples_by_loss(self) -> bool:
+        """True when SDS selects samples by their loss increase (needs a ``loss``)."""
+        return self.selects_samples
+
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
         if not self.selects_samples:
             return super().ascent(x, y, sample_weight, state_before)

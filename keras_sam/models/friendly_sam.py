@@ -77,6 +77,9 @@ class FriendlySAM(SharpnessAwareTrainer):
         super().__init__(model, rho=rho, **kwargs)
         self.sigma = check_real(sigma, "sigma", low=0.0)
         self.lmbda = check_real(lmbda, "lmbda", low=0.0, high=1.0, high_open=True)
+
+    def build_state(self) -> None:
+        """The moving average of gradients per model variable."""
         self._averages = self.add_slots("friendly_sam_average", "mean")
 
     def perturbation(self, grads: list, variables: list) -> list:

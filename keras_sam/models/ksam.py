@@ -90,21 +90,9 @@ class KSAM(SharpnessAwareTrainer):
         super().__init__(model, rho=rho, **kwargs)
         self.k = check_count_or_fraction(k, "k", min_count=1, what="the batch")
 
-    def compile(self, *args: Any, **kwargs: Any) -> None:
-        """`keras.Model.compile`; K-SAM needs a compiled ``loss`` to rank samples by.
-
-        Raises:
-            ValueError: no ``loss`` (a model whose loss comes only from `add_loss`
-                gives every sample the same score).
-        """
-        super().compile(*args, **kwargs)
-        if self.loss is None:
-            raise ValueError(
-                "K-SAM ranks the samples of a batch by their loss, so it needs `loss` in "
-                "`compile`: the `add_loss` terms of a model are not per sample. Pass the "
-                "loss to `compile(loss=...)` (with the targets as `y`), or use "
-                "keras_sam.SAM, which works with `add_loss`-only models."
-            )
+    def ranks_samples_by_loss(self) -> bool:
+        """True: K-SAM ranks the batch by per-sample loss (`compile` needs a ``loss``)."""
+        return True
 
     def ascent(self, x: Any, y: Any, sample_weight: Any, state_before: list) -> Ascent:
         """The ranking pass on the whole batch, then the ascent gradient on the top k."""

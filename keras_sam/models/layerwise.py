@@ -176,21 +176,24 @@ class LayerwiseSAM(SharpnessAwareTrainer):
         self.ranking_decay = check_real(
             ranking_decay, "ranking_decay", low=0.0, high=1.0, high_open=True
         )
-        if not model.built or not model.trainable_variables:
-            raise ValueError(
-                "LayerwiseSAM ranks the layers of `model` by their variables, which do not "
-                "exist yet: call the model once on a batch (`model(x[:1])`) or give it an "
-                "`Input` before wrapping it (a subclassed model's `build(input_shape)` "
-                "creates no variables unless the model defines it)."
-            )
-        units, self._layers_config = _candidate_units(model, layers)
+        self._layers_argument = layers
+        self._layers_config = layers
+        if model.built and model.trainable_variables:
+            # A bad `layers` fails here, not at `fit`; a callable is saved as names.
+            _, self._layers_config = _candidate_units(model, layers)
+        else:
+            _check_layers_type(layers)
+
+    def build_state(self) -> None:
+        """The candidate layers, the selection and the ranking signal (per layer)."""
+        units, self._layers_config = _candidate_units(self.model, self._layers_argument)
         self._candidates = _Untracked(tuple(units))  # the layers stay the model's
-        n = len(self._units)
-        self.num_chosen_layers = _count(self.num_layers, n)
+        n = len(units)
+        self._num_chosen_layers = _count(self.num_layers, n)
         # The lowest chosen layer is never above n - K: no cut is needed there.
-        self.cut_points = _cut_points(n - self.num_chosen_layers + 1, self.max_cuts)
+        self.cut_points = _cut_points(n - self._num_chosen_layers + 1, self.max_cuts)
         initial = np.zeros((n,), "float32")
-        initial[n - self.num_chosen_layers :] = 1.0  # output side until the first ranking
+        initial[n - self._num_chosen_layers :] = 1.0  # output side until the first ranking
         self._selection = self.add_weight(
             shape=(n,),
             initializer=keras.initializers.Constant(initial),
@@ -233,7 +236,14 @@ class LayerwiseSAM(SharpnessAwareTrainer):
     @property
     def _units(self) -> tuple:
         """The candidate (layer, its variables) pairs, input side first."""
+        self._require_state("the candidate layers")
         return self._candidates.items
+
+    @property
+    def num_chosen_layers(self) -> int:
+        """K, the number of layers each step perturbs (``num_layers`` resolved)."""
+        self._require_state("num_chosen_layers")
+        return self._num_chosen_layers
 
     @property
     def num_chosen(self) -> int:
@@ -388,6 +398,27 @@ class _Untracked:
     items: tuple
 
 
+def _check_layers_type(layers: Any) -> None:
+    """A `TypeError` for a ``layers`` of none of the accepted kinds; a `ValueError`
+    for a float outside (0, 1]."""
+    if layers is None or isinstance(layers, (list, tuple)):
+        return
+    if isinstance(layers, numbers.Real) and not isinstance(layers, (bool, numbers.Integral)):
+        if not math.isfinite(layers) or not 0.0 < float(layers) <= 1.0:
+            raise ValueError(
+                "`layers` as a float is the output-side fraction of the layers and must be "
+                f"in (0, 1], got {layers}."
+            )
+        return
+    if callable(layers) and not isinstance(layers, keras.layers.Layer):
+        return
+    raise TypeError(
+        "`layers` must be a float in (0, 1] (an output-side fraction of the layers), "
+        "None (every layer), a list of layers or layer names, or a predicate "
+        f"`layer -> bool`, got {type(layers).__name__}."
+    )
+
+
 def _candidate_units(model: keras.Model, layers: LayersLike) -> tuple[list, Any]:
     """(layer, its variables) pairs, sorted input side first; and ``layers`` for the config."""
     all_layers = list(internals.all_layers(model))
@@ -398,11 +429,7 @@ def _candidate_units(model: keras.Model, layers: LayersLike) -> tuple[list, Any]
     if layers is None:
         units, config = default, None
     elif isinstance(layers, numbers.Real) and not isinstance(layers, (bool, numbers.Integral)):
-        if not math.isfinite(layers) or not 0.0 < layers <= 1.0:
-            raise ValueError(
-                "`layers` as a float is the output-side fraction of the layers and must be "
-                f"in (0, 1], got {layers}."
-            )
+        _check_layers_type(layers)
         units, config = default[len(default) - _count(float(layers), len(default)) :], layers
     elif callable(layers) and not isinstance(layers, keras.layers.Layer):
         units = [(layer, vs) for layer, vs in default if layers(layer)]
@@ -411,11 +438,7 @@ def _candidate_units(model: keras.Model, layers: LayersLike) -> tuple[list, Any]
         units = [_resolve(model, all_layers, item) for item in layers]
         config = [layer.name for layer, _ in units]
     else:
-        raise TypeError(
-            "`layers` must be a float in (0, 1] (an output-side fraction of the layers), "
-            "None (every layer), a list of layers or layer names, or a predicate "
-            f"`layer -> bool`, got {type(layers).__name__}."
-        )
+        _check_layers_type(layers)
     if not units:
         raise ValueError("`layers`: no candidate layer with trainable variables in `model`.")
     seen: dict[int, str] = {}

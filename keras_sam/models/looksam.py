@@ -97,6 +97,9 @@ class LookSAM(SharpnessAwareTrainer):
         super().__init__(model, rho=rho, **kwargs)
         self.alpha = check_real(alpha, "alpha", low=0.0)
         self.k = check_int(k, "k", low=1)
+
+    def build_state(self) -> None:
+        """The stored SAM direction per model variable."""
         self._directions = self.add_slots("looksam_direction", "only_first_replica")
 
     def step_variants(self) -> list:

@@ -195,6 +195,33 @@ class SharpnessAwareTrainer(ModelWrapper):
         # XLA-compiled under MirroredStrategy (see `make_train_function`).
         self._ascent_step: Callable[..., Ascent] = self.ascent
         self._perturbed_step: Callable[..., list] = self._perturbed_gradients
+        self._state_built = False  # `build_state` runs at `compile` (or when first needed)
+
+    # ------------------------------------------------------------------ per-variable state
+    def build_state(self) -> None:
+        """Creates the variant's own state (per model variable, or per layer) once the
+        model's variables exist: at `compile` for a built model, else when `fit` has
+        built it from the first batch (a subclassed model). Default: none."""
+
+    def _build_state_if_possible(self) -> bool:
+        """Runs `build_state` once, when the model has its variables; returns whether
+        the state exists."""
+        if not self._state_built and self.model.built and self.model.variables:
+            strategy = internals.distribute_strategy(self)
+            scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+            with scope, internals.state_unlocked(self):
+                self.build_state()
+            self._state_built = True
+        return self._state_built
+
+    def _require_state(self, what: str) -> None:
+        """Raises a clear error where the state is needed before the model is built."""
+        if not self._build_state_if_possible():
+            raise ValueError(
+                f"{type(self).__name__}.{what} needs the model's variables, which do not "
+                "exist yet: train it (`fit` builds it from the first batch) or call the "
+                "model once on a batch (`model(x[:1])`) first."
+            )
 
     # ------------------------------------------------------------------ XLA, variants
     def compile(self, *args: Any, **kwargs: Any) -> None:
@@ -202,10 +229,26 @@ class SharpnessAwareTrainer(ModelWrapper):
 
         Raises:
             ValueError: ``jit_compile=True`` on a backend that cannot compile the
-                step (PyTorch, see `keras_sam.backend.torch.check_jit_compile`).
+                step (PyTorch, see `keras_sam.backend.torch.check_jit_compile`); no
+                ``loss`` for a variant that ranks samples by their loss (the
+                ``add_loss`` terms of a model are not per sample).
         """
         super().compile(*args, **kwargs)
-        backend.check_jit_compile(self.jit_compile, type(self).__name__)
+        name = type(self).__name__
+        backend.check_jit_compile(self.jit_compile, name)
+        if self.loss is None and self.ranks_samples_by_loss():
+            raise ValueError(
+                f"{name} ranks the samples of a batch by their loss, so it needs `loss` in "
+                "`compile`: the `add_loss` terms of a model are not per sample. Pass the "
+                "loss to `compile(loss=...)` (with the targets as `y`), or use "
+                "keras_sam.SAM, which works with `add_loss`-only models."
+            )
+        self._build_state_if_possible()
+
+    def ranks_samples_by_loss(self) -> bool:
+        """Whether the variant ranks the batch's samples by their loss (K-SAM, ESAM's
+        data selection), which needs a compiled ``loss``. Default: False."""
+        return False
 
     def compile_from_config(self, config: dict) -> None:
         """Compiles a loaded wrapper as Keras does (Keras skips a `compile` it did not
@@ -232,6 +275,7 @@ class SharpnessAwareTrainer(ModelWrapper):
         if self.train_function is not None and not force:
             return self.train_function
         backend.check_jit_compile(self.jit_compile, type(self).__name__)
+        self._require_state("make_train_function")
         inside = self._compiles_inside_step()
         self._ascent_step = backend.xla_compiled(self.ascent) if inside else self.ascent
         self._perturbed_step = (
@@ -497,17 +541,8 @@ class SharpnessAwareTrainer(ModelWrapper):
 
     def add_slots(self, name: str, aggregation: str = "none") -> list:
         """One float32 zeros variable per trainable variable of the model, saved with
-        the wrapper (per-parameter state of a variant: LookSAM, Friendly-SAM).
-
-        Raises:
-            ValueError: the model has no variables yet (it must be built first).
-        """
-        if not self.model.trainable_variables:
-            raise ValueError(
-                f"{type(self).__name__} keeps state per model variable, so the variables "
-                "of `model` must exist when it is wrapped: call the model once on a batch "
-                "(`model(x[:1])`) or give it an `Input` first."
-            )
+        the wrapper (per-parameter state of a variant: LookSAM, Friendly-SAM); for
+        `build_state`, when the model's variables exist."""
         return [
             self.add_weight(
                 shape=v.shape,

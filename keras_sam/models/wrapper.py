@@ -18,12 +18,16 @@ optimizer-only method (Momentum-SAM) trains under MultiWorkerMirroredStrategy.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import keras
 from keras import ops
 
 from keras_sam import backend, internals
+from keras_sam.optimizers.momentum_perturbation import MomentumPerturbationOptimizer
 
 
 @keras.saving.register_keras_serializable(package="keras_sam")
@@ -61,8 +65,32 @@ class ModelWrapper(keras.Model):
             )
         super().__init__(**kwargs)
         self.model = model
+        self._compiles_model = False  # whether `compile` compiled `model` for evaluation
         if model.built:
             self.built = True
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """`keras.Model.compile`; the wrapped model is compiled too, with the same loss
+        and metrics (fresh copies) and no optimizer, so that ``model.evaluate`` works
+        after the wrapper trained it. A model the user compiled is left as it is."""
+        super().compile(*args, **kwargs)
+        if self.model.compiled and not self._compiles_model:
+            return
+        arguments = inspect.signature(keras.Model.compile).bind(self, *args, **kwargs).arguments
+        evaluation = {
+            name: _fresh_metrics(value) if name.endswith("metrics") else value
+            for name, value in arguments.items()
+            if name not in ("self", "optimizer")
+        }
+        self.model.compile(optimizer=None, **evaluation)
+        self._compiles_model = True
+
+    def compile_from_config(self, config: dict) -> None:
+        """Compiles a loaded wrapper as Keras does (Keras skips a `compile` it did not
+        write), with the optimizer's variables ready for the saved state."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         return self.model(inputs, training=training)
@@ -115,10 +143,79 @@ class ModelWrapper(keras.Model):
         with strategy.scope() if multi_worker else contextlib.nullcontext():
             internals.symbolic_build(self, data_batch)
 
+    # ------------------------------------------------------------ weights files
+    def variables_of_its_own(self) -> list:
+        """The wrapper's own variables (per-variable state of a variant), not the
+        model's, the optimizer's or the metrics'."""
+        model = {id(v) for v in self.model.weights}
+        return [v for v in self.weights if id(v) not in model]
+
+    def save_weights(self, filepath: Any, overwrite: bool = True, **kwargs: Any) -> None:
+        """Writes a ``.weights.h5`` file in the **wrapped model's** layout.
+
+        ``model.load_weights(filepath)`` reads it into the model, or into a fresh copy
+        of it built for deployment; `ModelCheckpoint(save_weights_only=True)` and
+        `BackupAndRestore`, which call this method, write such files too. The
+        optimizer's state and the wrapper's own variables (LookSAM's directions,
+        Layer-wise SAM's selection) are in the same file, where the model ignores
+        them and `load_weights` on the wrapper restores them. A Momentum-SAM
+        optimizer's perturbation is removed while the file is written (the file
+        holds the clean weights). Sharded files (``max_shard_size``) keep Keras'
+        layout of the wrapper.
+
+        Examples:
+            >>> import keras, numpy as np, keras_sam, tempfile, os
+            >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+            >>> trainer = keras_sam.SAM(model)
+            >>> trainer.compile(optimizer="sgd", loss="mse")
+            >>> history = trainer.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
+            >>> path = os.path.join(tempfile.mkdtemp(), "sam.weights.h5")
+            >>> trainer.save_weights(path)
+            >>> deployed = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+            >>> deployed.load_weights(path)
+            >>> bool(np.allclose(deployed.get_weights()[0], model.get_weights()[0]))
+            True
+        """
+        path = str(filepath)
+        if kwargs.get("max_shard_size") is not None or not path.endswith(".weights.h5"):
+            super().save_weights(filepath, overwrite=overwrite, **kwargs)
+            return
+        if not self.built:
+            raise ValueError(
+                "The model has no weights to save yet: train it or call it on a batch first."
+            )
+        if not overwrite and os.path.exists(path) and not internals.confirm_overwrite(path):
+            return
+        optimizer = getattr(self, "optimizer", None)
+        with _clean_weights(optimizer):
+            internals.write_model_weights(path, self.model, optimizer, self)
+
+    def load_weights(self, filepath: Any, skip_mismatch: bool = False, **kwargs: Any) -> None:
+        """Reads weights written by `save_weights` (the model's layout, with the
+        optimizer's and the wrapper's state) or by ``model.save_weights`` (the model
+        alone: a wrapper warm-started from a model's checkpoint); older files in the
+        wrapper's own Keras layout are read too."""
+        path = str(filepath)
+        if not path.endswith(".weights.h5"):
+            super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+            return
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and not optimizer.built and self.trainable_variables:
+            optimizer.build(self.trainable_variables)  # its state is read with the weights
+        try:
+            internals.read_model_weights(path, self.model, optimizer, self, skip_mismatch)
+        except ValueError as model_layout_error:
+            try:  # a file of the wrapper's own Keras layout
+                super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+            except ValueError:
+                raise model_layout_error from None
+
     # ------------------------------------------------------------ config
     def get_config(self) -> dict:
         config = super().get_config()
         config["model"] = keras.saving.serialize_keras_object(self.model)
+        if self._compiles_model:  # the wrapper's `compile` compiles it again
+            config["model"].pop("compile_config", None)
         return config
 
     @classmethod
@@ -128,3 +225,24 @@ class ModelWrapper(keras.Model):
             config["model"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+@contextlib.contextmanager
+def _clean_weights(optimizer: Any) -> Iterator[None]:
+    """The Momentum-SAM perturbation removed inside (nothing for other optimizers)."""
+    while optimizer is not None and not isinstance(optimizer, MomentumPerturbationOptimizer):
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    if optimizer is None:
+        yield
+        return
+    with optimizer.unperturbed():
+        yield
+
+
+def _fresh_metrics(metrics: Any) -> Any:
+    """``metrics`` with every `keras.metrics.Metric` object replaced by a new one of
+    the same config (a metric counts for one model); names and functions as given."""
+    return keras.tree.map_structure(
+        lambda m: type(m).from_config(m.get_config()) if isinstance(m, keras.metrics.Metric) else m,
+        metrics,
+    )

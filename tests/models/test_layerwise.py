@@ -417,12 +417,19 @@ def test_layers_without_weights_or_overlapping_are_rejected():
         LayerwiseSAM(outer, layers=["blk", "a"])
 
 
-def test_unbuilt_model_is_rejected():
+def test_an_unbuilt_model_gets_its_candidates_when_it_is_built():
+    """Accepted at construction (`fit` builds it from the first batch); what needs the
+    layers before that says how to build them."""
+    model = keras.Sequential([keras.layers.Dense(2, name="only")])
+    trainer = LayerwiseSAM(model, layers=None)
     with pytest.raises(ValueError, match=r"call the model once on a batch"):
-        LayerwiseSAM(keras.Sequential([keras.layers.Dense(2)]))
+        trainer.candidate_layers  # noqa: B018
+    model(np.zeros((1, 3), "float32"))
+    assert trainer.candidate_layers == ["only"]
+    assert trainer.num_chosen_layers == 1
 
 
-def test_a_subclassed_model_built_without_variables_is_rejected_clearly():
+def test_a_subclassed_model_built_without_variables_is_accepted_and_explained():
     """`build(input_shape)` on a subclassed model without its own `build` marks it
     built but creates no variable; the error says what does."""
 
@@ -436,10 +443,11 @@ def test_a_subclassed_model_built_without_variables_is_rejected_clearly():
 
     model = Subclassed()
     model.build((None, 3))
+    trainer = LayerwiseSAM(model, layers=None)
     with pytest.raises(ValueError, match=r"model\(x\[:1\]\)"):
-        LayerwiseSAM(model)
+        trainer.num_chosen_layers  # noqa: B018
     model(np.zeros((1, 3), "float32"))
-    assert LayerwiseSAM(model, layers=None).candidate_layers == ["dense"]
+    assert trainer.candidate_layers == ["dense"]
 
 
 def test_mixed_precision_ranks_unscaled_norms():
