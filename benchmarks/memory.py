@@ -174,7 +174,7 @@ def above_base(results: dict, methods: dict, key: str) -> dict:
     """Per method, ``key`` above its base optimizer's: bytes and parameter copies."""
     table = {}
     for name, r in results.items():
-        base = results.get(methods[name].base)
+        base = results.get(methods[name]["base"])
         if "error" in r or base is None or "error" in base or r[key] is None:
             continue
         extra = r[key] - base[key]

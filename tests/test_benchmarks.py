@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, generalization, speed
+from benchmarks import common, generalization, memory, speed
 
 
 def _finite(value):
@@ -52,6 +52,35 @@ def test_speed_quick_reports_every_method(tmp_path):
         assert base["ratio"] == 1.0 and base["memory"]["added_bytes"] == 0
     assert (tmp_path / "speed.md").read_text().count("| SAM |") >= 1
     assert (tmp_path / "speed.png").stat().st_size > 1000
+
+
+def test_memory_quick_measures_each_method_in_its_own_process(tmp_path):
+    memory.main(["--quick", "--methods", "sam", "msam", "--xla", "on", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "memory.json").read_text())
+    results = report["models"]["wide"]["on"]
+    assert set(results) == {"sgd", "sam", "msam"}
+    for name, r in results.items():
+        assert "error" not in r, (name, r.get("error"))
+        assert r["parameter_bytes"] == 4 * (4 * (64 * 64 + 64) + 64 * 10 + 10), name
+        # Training holds more than the resting model: optimizer slots, the step's buffers.
+        assert r["resting_bytes"] > 0 and r["steady_bytes"] > 0, name
+        assert r["with_compile_bytes"] > 0, name
+    rows = (tmp_path / "memory.md").read_text()
+    assert "| SAM |" in rows and "| MSAM |" in rows
+
+
+def test_memory_is_reported_in_parameter_copies_above_the_base():
+    mib = 2**20
+    results = {
+        "sgd": {"parameter_bytes": 100 * mib, "steady_bytes": 300 * mib},
+        "sam": {"parameter_bytes": 100 * mib, "steady_bytes": 425 * mib},
+        "ksam": {"error": "crashed"},
+    }
+    methods = {"sgd": {"base": "sgd"}, "sam": {"base": "sgd"}, "ksam": {"base": "sgd"}}
+    table = memory.above_base(results, methods, "steady_bytes")
+    assert table["sam"] == {"bytes": 125 * mib, "copies": 1.25}
+    assert table["sgd"]["copies"] == 0.0
+    assert "ksam" not in table
 
 
 def test_generalization_quick_reports_every_method(tmp_path):

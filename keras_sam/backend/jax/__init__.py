@@ -45,9 +45,11 @@ Distribution (`keras.distribution.DataParallel`):
   and the logs are the global batch's; see `keras_sam.backend.jax.replicas`.
   Other distributions (`ModelParallel`) keep the global semantics and warn.
 
-Cost notes: `apply_if_finite` computes the optimizer update and
-selects it with `where` (no side-effecting `cond` under `jit`), so a skipped step
-costs as much as a taken one.
+Cost notes: `apply_if_finite` runs the optimizer update inside `jax.lax.cond`
+on the values it assigns, so XLA updates the (donated) state in place; selecting
+between old and new values with `where` kept both alive (on a 4-layer MLP, by the
+compiled step's memory analysis, the step's temporaries fell from 1.81 to 1.09
+parameter copies for SAM and from 4.0 to 2.0 for AdamW-MSAM; SGD's are 0.68).
 """
 
 from __future__ import annotations
@@ -243,20 +245,30 @@ class _OverlayScope(keras.StatelessScope):
 def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
     """``apply_fn(grads, variables)`` only where ``finite`` holds.
 
-    ``apply_fn`` runs in a scope that collects its assignments; each assigned
-    variable then receives ``where(finite, new, old)``. Under `jax.jit` both
-    outcomes are computed (no data-dependent control flow with side effects), and
-    a skipped step leaves every variable bit-for-bit as it was. In a per-device
-    step, ``apply_fn`` gets the gradients summed over the devices, and the step is
-    taken on every device or on none (`jax_replicas.reduced_update`).
+    A first trace of ``apply_fn`` in a scope that collects its assignments finds
+    the variables it updates (its computations are unused, so XLA drops them);
+    the update then runs as the taken branch of `jax.lax.cond` over those
+    variables' values, the other branch returning them unchanged, so a skipped
+    step leaves every variable bit-for-bit as it was. In a per-device step,
+    ``apply_fn`` gets the gradients summed over the devices, and the step is taken
+    on every device or on none (`jax_replicas.reduced_update`).
     """
     with jax_replicas.reduced_update(list(grads), finite) as (grads, finite):
-        with _OverlayScope() as scope:
+        with _OverlayScope() as probe:
             apply_fn(grads, variables)
-        for variable in scope.updated.values():
-            old = scope.outer_value(variable)
-            new = scope.state_mapping[id(variable)]
-            variable.assign(ops.where(finite, new, old))
+        updated = list(probe.updated.values())
+        before = [probe.outer_value(variable) for variable in updated]
+
+        def taken(values: list) -> list:
+            with _OverlayScope() as scope:
+                for variable, value in zip(updated, values):
+                    scope.state_mapping[id(variable)] = value
+                apply_fn(grads, variables)
+                return [scope.state_mapping[id(variable)] for variable in updated]
+
+        after = jax.lax.cond(jax.numpy.asarray(finite), taken, list, before)
+        for variable, value in zip(updated, after):
+            variable.assign(value)
 
 
 def apply_gradients(optimizer: Any, grads: list, variables: Sequence[Any]) -> None:

@@ -1,0 +1,100 @@
+"""The compiled step's memory, from XLA's own buffer assignment (JAX only).
+
+`jax.jit(...).lower(...).compile().memory_analysis()` gives the bytes of the step's
+temporaries: exact and free of allocator noise, so a regression that makes a method
+hold another copy of the parameters fails here (the memory benchmark measures the
+process; `python -m benchmarks.memory`). Figures are in copies of the parameters,
+on an MLP whose parameters dominate; the bounds are today's figures plus a margin.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from keras_sam import registry
+
+if keras.backend.backend() != "jax":
+    pytest.skip(
+        "JAX-only (XLA memory analysis); tests/test_jax_backend.py runs it with "
+        "KERAS_BACKEND=jax",
+        allow_module_level=True,
+    )
+
+import jax
+
+WIDTH = 128
+
+
+def _mlp() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((WIDTH,))
+    h = inputs
+    for _ in range(4):
+        h = keras.layers.Dense(WIDTH, activation="relu")(h)
+    return keras.Model(inputs, keras.layers.Dense(10)(h))
+
+
+def _step_memory(name: str) -> dict:
+    """The compiled step's temporaries and the optimizer state, in parameter copies."""
+    model = _mlp()
+    if name in registry.BASES:
+        trainer, optimizer = model, registry.BASES[name].make(0.01)
+    else:
+        trainer, optimizer = registry.METHODS[name].build(model, learning_rate=0.01)
+    trainer.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, WIDTH)).astype("float32")
+    y = rng.integers(0, 10, 32)
+    trainer.fit(x, y, batch_size=32, epochs=1, verbose=0)  # builds every variable
+    groups = (
+        trainer.trainable_variables,
+        trainer.non_trainable_variables,
+        trainer.optimizer.variables,
+        trainer.metrics_variables,
+    )
+    state = tuple([v.value for v in group] for group in groups)
+    step = jax.jit(trainer.train_step, donate_argnums=0)
+    analysis = step.lower(state, (x, y)).compile().memory_analysis()
+    parameters = sum(v.value.nbytes for v in model.trainable_variables)
+    return {
+        "temporaries": analysis.temp_size_in_bytes / parameters,
+        "optimizer_state": sum(v.value.nbytes for v in trainer.optimizer.variables) / parameters,
+    }
+
+
+@pytest.fixture(scope="module")
+def memory() -> dict:
+    return {
+        name: _step_memory(name) for name in ("sgd", "adamw", "sam", "ksam", "msam", "adamw-msam")
+    }
+
+
+def test_momentum_sam_keeps_no_per_parameter_state_beyond_its_base(memory):
+    for name, base in (("msam", "sgd"), ("adamw-msam", "adamw")):
+        extra = memory[name]["optimizer_state"] - memory[base]["optimizer_state"]
+        assert 0 <= extra < 1e-3, (name, extra)  # two scalars: the scale and the flag
+
+
+@pytest.mark.parametrize(
+    ("name", "base", "bound"),
+    [
+        # SAM needs ε (one copy); XLA overlaps it with the gradients: 0.46 today.
+        ("sam", "sgd", 0.75),
+        ("ksam", "sgd", 0.75),
+        # Momentum-SAM: 1.18 today, from checking every gradient before any write
+        # (a skipped step must leave the state as it was) and the weights held
+        # between the base update and the re-perturbation, whose scale needs the
+        # norm of every new direction.
+        ("msam", "sgd", 1.5),
+        ("adamw-msam", "adamw", 1.5),
+    ],
+)
+def test_compiled_step_temporaries_stay_within_their_bound(memory, name, base, bound):
+    extra = memory[name]["temporaries"] - memory[base]["temporaries"]
+    assert extra <= bound, (name, memory[name], memory[base])
