@@ -103,6 +103,15 @@ def state_unlocked(layer: keras.layers.Layer) -> Iterator[None]:
 WRAPPER_GROUP = "keras_sam"
 
 
+def compiled_without_config(model: keras.Model, compile: Callable[[], None]) -> None:
+    """Runs ``compile()`` on ``model`` without keeping its compile config
+    (``model._compile_config``), so that the model's own `.keras` file loads as an
+    uncompiled model: a compile with no optimizer does not load."""
+    compile()
+    if hasattr(model, "_compile_config"):
+        del model._compile_config
+
+
 def write_model_weights(path: str, model: keras.Model, optimizer: Any, wrapper: Any) -> None:
     """A ``.weights.h5`` file in ``model``'s own layout (what ``model.save_weights``
     writes, so ``model.load_weights`` reads it), with ``optimizer``'s variables in the
@@ -313,6 +322,7 @@ def _required() -> list[tuple[str, Callable[[], bool]]]:
         ("Trainer._symbolic_build", has(keras.Model, "_symbolic_build")),
         ("Trainer._loss_tracker", model_attribute("_loss_tracker")),
         ("Layer._losses_override", model_attribute("_losses_override")),
+        ("Trainer._compile_config", model_attribute("_compile_config")),
         ("Variable._value", lambda: hasattr(keras.Variable(1.0), "_value")),
         ("Optimizer._iterations", optimizer_attribute("_iterations")),
         ("Optimizer._trainable_variables", optimizer_attribute("_trainable_variables")),

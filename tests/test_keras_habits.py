@@ -200,6 +200,14 @@ def test_the_model_evaluates_as_the_wrapper_after_training(method, tmp_path):
     trainer.save(path)
     restored = keras.models.load_model(path)
     assert restored.model.evaluate(X, Y, verbose=0) == pytest.approx(expected, rel=1e-6)
+    # The model's own file is a plain Keras model (uncompiled: it had no optimizer).
+    model_path = str(tmp_path / "model.keras")
+    model.save(model_path)
+    plain = keras.models.load_model(model_path)
+    assert type(plain).__module__.startswith("keras")
+    np.testing.assert_allclose(
+        plain.predict(X, verbose=0), model.predict(X, verbose=0), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_a_model_compiled_by_the_user_keeps_its_own_compile():

@@ -82,7 +82,10 @@ class ModelWrapper(keras.Model):
             for name, value in arguments.items()
             if name not in ("self", "optimizer")
         }
-        self.model.compile(optimizer=None, **evaluation)
+        # Not kept in the model's own `.keras` file: it loads uncompiled, anywhere.
+        internals.compiled_without_config(
+            self.model, lambda: self.model.compile(optimizer=None, **evaluation)
+        )
         self._compiles_model = True
 
     def compile_from_config(self, config: dict) -> None:
