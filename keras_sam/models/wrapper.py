@@ -136,7 +136,7 @@ class ModelWrapper(keras.Model):
             internals.default_symbolic_build(self, iterator, data_batch)
             return
         if iterator is not None:
-            for _, _, batches in iterator:
+            for *_, batches in iterator:  # (step, data) or (begin, end, data), by version
                 data_batch = next(batches)
                 break
         if multi_worker:
