@@ -12,10 +12,9 @@ optimizer's beside it (SGD-momentum, or AdamW for AdamW-MSAM), the median over
 rounds, the machine's load recorded and flagged when high.
 
 Memory: the bytes of variables a method adds (its optimizer's and the wrapper's
-variables minus the base optimizer's), and, with ``--rss-models``, the peak resident
-set size of a fresh subprocess that runs only that method (``ru_maxrss`` is
-process-wide and never decreases). On a GPU, the allocator's peak (TensorFlow) or
-bytes in use after warm-up (JAX) per method.
+variables minus the base optimizer's); on a GPU, the allocator's peak (TensorFlow) or
+bytes in use after warm-up (JAX) per method. What a process holds while it trains
+(temporaries included) is `benchmarks.memory`'s measure.
 
 ``--pieces`` (TensorFlow, JAX) times the parts a step is made of
 (`benchmarks.pieces`). On JAX the step is ``jax.jit``-compiled by ``fit`` and called
@@ -27,15 +26,11 @@ device with ``perturbation_scope="global"``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from benchmarks import common, harness, pieces, workloads
@@ -129,47 +124,6 @@ class _GpuMemory:
         return {"gpu_peak_bytes_during_warmup": int(peak - self.before)}
 
 
-def probe_rss(model_name: str, method_name: str, args: argparse.Namespace) -> dict:
-    """Run inside a fresh subprocess: RSS after imports, and peak RSS after training."""
-    methods = common.all_methods()
-    spec = workloads.spec(model_name, args.quick)
-    batch = spec.batch_size
-    data = spec.make_data(batch * 4, 0)
-    baseline = common.current_rss_bytes()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        runner = workloads.Runner(spec, methods[method_name], data, batch)
-        runner.run(args.warmup + args.steps)
-    return {"rss_after_imports_bytes": baseline, "peak_rss_bytes": common.peak_rss_bytes()}
-
-
-def run_rss_probes(models: Sequence[str], names: Sequence[str], args: argparse.Namespace) -> dict:
-    results: dict[str, dict] = {}
-    for model_name in models:
-        results[model_name] = {}
-        for name in names:
-            command = [
-                sys.executable, "-m", "benchmarks.speed", "--probe-rss", model_name, name,
-                "--device", args.device, "--warmup", str(args.warmup), "--steps", str(args.steps),
-                "--backend", common.backend_name(),
-            ] + (["--quick"] if args.quick else []) + (
-                ["--data-parallel"] if args.data_parallel else []
-            )
-            env = dict(os.environ, PYTHONWARNINGS="ignore")
-            done = subprocess.run(
-                command, capture_output=True, text=True, env=env,
-                cwd=str(Path(__file__).resolve().parent.parent), check=False,
-            )
-            line = [ln for ln in done.stdout.splitlines() if ln.startswith("RSS_PROBE ")]
-            if done.returncode != 0 or not line:
-                print(f"  RSS probe {model_name}/{name} failed:\n{done.stderr[-2000:]}")
-                continue
-            results[model_name][name] = json.loads(line[-1][len("RSS_PROBE "):])
-            print(f"  RSS probe {model_name}/{name}: peak "
-                  f"{harness.human_bytes(results[model_name][name]['peak_rss_bytes'])}", flush=True)
-    return results
-
-
 # ---------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(
@@ -189,11 +143,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
         help="at most this many seconds per method per round (fewer steps for a slow method)",
     )
     parser.add_argument(
-        "--rss-models", nargs="*", default=None, choices=list(workloads.MODELS),
-        help="models whose peak RSS is measured per method in subprocesses "
-        "(default: cnn; none with --quick)",
-    )
-    parser.add_argument(
         "--pieces", nargs="*", default=None, choices=list(workloads.MODELS),
         help="models whose step is timed piece by piece (default: cnn; none with --quick)",
     )
@@ -203,7 +152,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
         "(perturbation_scope='global'); the batch is the global batch",
     )
     harness.add_load_flag(parser)
-    parser.add_argument("--probe-rss", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
     default_models = workloads.QUICK_DEFAULT_MODELS if quick else list(workloads.MODELS)
@@ -211,8 +159,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
     args.rounds = args.rounds or (2 if quick else 7)
     args.steps = args.steps or (3 if quick else 10)
     args.warmup = args.warmup or (2 if quick else 3)
-    if args.rss_models is None:
-        args.rss_models = [] if quick else ["cnn"]
     if args.pieces is None:  # the pieces are written for TensorFlow and JAX
         torch = (args.backend or os.environ.get("KERAS_BACKEND")) == "torch"
         args.pieces = [] if quick or torch else ["cnn"]
@@ -232,7 +178,7 @@ def setup_data_parallel(args: argparse.Namespace, parser: argparse.ArgumentParse
     import keras
 
     devices = keras.distribution.list_devices()
-    used = {*args.models, *args.pieces, *args.rss_models}
+    used = {*args.models, *args.pieces}
     bad = sorted(m for m in used if workloads.spec(m, args.quick).batch_size % len(devices))
     if bad:
         parser.error(f"--data-parallel: the batch size of {bad} is not divisible by the "
@@ -248,13 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.pieces and common.backend_name() == "torch":
         parser.error("--pieces: written for TensorFlow and JAX only.")
     device = common.setup_device(args.device, parser)
-    if args.probe_rss:
-        args.models = [args.probe_rss[0]]
     devices = setup_data_parallel(args, parser)
-    if args.probe_rss:
-        result = probe_rss(*args.probe_rss, args)
-        print("RSS_PROBE " + json.dumps(result), flush=True)
-        return result
     methods = common.all_methods()
     names = common.select_methods(args.methods, methods)
     machine = common.machine_info(device)
@@ -292,8 +232,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         harness.write_partial(args.out, "speed", report)
     report["pieces"] = {m: pieces.time_pieces(workloads.spec(m, args.quick), args)
                         for m in args.pieces}
-    if args.rss_models:
-        report["rss"] = run_rss_probes(args.rss_models, names, args)
     report["load"] = harness.machine_load(
         machine["load_average_1_5_15"],
         [load for m in report["models"].values() for load in m["load_during_rounds"]],

@@ -79,24 +79,6 @@ def markdown(report: dict) -> str:
                 f"| {harness.human_bytes(r['memory']['added_bytes'])} |"
             )
         lines.append("")
-    if report.get("rss"):
-        lines += [
-            "## Peak process memory (one fresh subprocess per method)",
-            "",
-            "| model | method | RSS after imports | peak RSS | peak − base optimizer's peak |",
-            "|---|---|---|---|---|",
-        ]
-        methods = report["methods"]
-        for model_name, probes in report["rss"].items():
-            for name, p in probes.items():
-                base = probes.get(methods[name]["base"])
-                delta = p["peak_rss_bytes"] - base["peak_rss_bytes"] if base else None
-                lines.append(
-                    f"| {model_name} | {methods[name]['label']} "
-                    f"| {harness.human_bytes(p['rss_after_imports_bytes'])} "
-                    f"| {harness.human_bytes(p['peak_rss_bytes'])} | {harness.human_bytes(delta)} |"
-                )
-        lines.append("")
     for model_name, timed in report.get("pieces", {}).items():
         lines += [
             f"## Pieces of a step: {model_name} (batch {timed['batch_size']}, "

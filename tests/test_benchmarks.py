@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, generalization, memory, speed
+from benchmarks import common, generalization, generalization_report, memory, speed
 
 
 def _finite(value):
@@ -96,8 +96,21 @@ def test_generalization_quick_reports_every_method(tmp_path):
                         "m_sharpness"):
                 assert _finite(r[key]), (name, key)
             assert 0.0 <= r["test_mean"] <= 1.0
-    for name in ("generalization.md", "generalization_tradeoff.png", "generalization_curves.png"):
+            # The time-to-accuracy curve: one cumulative training time per epoch.
+            assert len(r["time_curve"]) == len(r["test_curve"]) == 2
+            assert 0.0 < r["time_curve"][0] < r["time_curve"][1]
+            assert r["time_curve"][1] == pytest.approx(r["train_time_mean_s"])
+    names = ("generalization.md", "generalization_tradeoff.png",
+             "generalization_time_to_accuracy.png")
+    for name in names:
         assert (tmp_path / name).stat().st_size > 500
+
+
+def test_time_to_accuracy_is_the_first_epoch_at_the_target():
+    row = {"test_curve": [0.5, 0.8, 0.7, 0.9], "time_curve": [1.0, 2.0, 3.0, 4.0]}
+    assert generalization_report.time_to_accuracy(row, 0.7) == 2.0
+    assert generalization_report.time_to_accuracy(row, 0.9) == 4.0
+    assert generalization_report.time_to_accuracy(row, 0.95) is None
 
 
 def test_unsupported_backend_is_a_clear_error(capsys):

@@ -16,9 +16,11 @@ UNITS = ((0, 1), (2, 3))
 def layerwise_epsilon(grads, rho, chosen, radius="joint"):
     """ε on the chosen layers (indices into UNITS), zero elsewhere."""
     eps = [np.zeros_like(g) for g in grads]
-    if radius == "joint":
+    if radius in ("joint", "scaled"):
         positions = [p for u in chosen for p in UNITS[u]]
         norm = ref.global_norm([grads[p] for p in positions])
+        if radius == "scaled":  # the same RMS per parameter as SAM's ρ-ball over all
+            rho = rho * np.sqrt(sum(g.size for g in grads) / sum(grads[p].size for p in positions))
         for p in positions:
             eps[p] = rho * grads[p] / norm
     else:

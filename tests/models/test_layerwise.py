@@ -46,6 +46,9 @@ def _mlp_trainer(params, chosen, radius="joint", rho=0.2, jit_compile=False, **k
         ((1,), "joint", True),
         ((0,), "joint", True),  # input layer: full backward, output layer unperturbed
         ((0, 1), "per_layer", False),
+        ((1,), "scaled", False),  # ρ·√(n/n_S) on the output layer
+        ((1,), "scaled", True),
+        ((0, 1), "scaled", True),  # every layer: SAM's ρ
     ],
 )
 def test_step_with_fixed_selection_matches_numpy(chosen, radius, jit_compile):
@@ -110,7 +113,7 @@ def test_zero_layers_equals_base_optimizer(jit_compile):
 
 
 # ---------------------------------------------------------------- the perturbation
-@pytest.mark.parametrize("radius", ["joint", "per_layer"])
+@pytest.mark.parametrize("radius", ["joint", "per_layer", "scaled"])
 def test_perturbation_touches_only_chosen_layers(radius):
     model = bn_dropout_model()
     trainer = LayerwiseSAM(model, rho=0.3, num_layers=2, radius=radius, layers=None)
@@ -135,6 +138,12 @@ def test_perturbation_touches_only_chosen_layers(radius):
             np.testing.assert_allclose(p - w, e, atol=1e-6)
     if radius == "joint":
         np.testing.assert_allclose(np.sqrt(sum(norms.values())), 0.3, rtol=1e-5)
+    elif radius == "scaled":
+        sizes = {}
+        for v in variables:
+            sizes[v.path.split("/")[-2]] = sizes.get(v.path.split("/")[-2], 0) + np.prod(v.shape)
+        scale = np.sqrt(sum(sizes.values()) / (sizes["dense_in"] + sizes["dense_out"]))
+        np.testing.assert_allclose(np.sqrt(sum(norms.values())), 0.3 * scale, rtol=1e-5)
     else:
         np.testing.assert_allclose(np.sqrt(list(norms.values())), [0.3, 0.3], rtol=1e-5)
 
