@@ -69,11 +69,12 @@ class LayerwiseSAM(SharpnessAwareTrainer):
       (default 0.25, rounded up).
     * **Scaled radius** by default, so that the method reduces to SAM and
       SAM's ρ keeps SAM's gain. With one ρ-ball over a few small layers
-      (``"joint"``) the perturbation is far weaker than SAM's: on the noisy-label
-      MLP of ``python -m benchmarks.generalization`` (digits, 40 % of the labels
-      flipped, 3 seeds), perturbing the output layer at SAM's best ρ = 0.4 kept
-      none of SAM's 13.8-point gain until ρ was raised tenfold (ρ = 4: 83 %);
-      the scaled radius at ρ = 0.4 keeps 82 % with no search (docs/benchmarks).
+      (``"joint"``) the perturbation is far weaker than SAM's. Measured with
+      ``python -m benchmarks.generalization`` (an MLP on digits, 40 % of the
+      labels flipped, 60 epochs, 3 seeds, ρ chosen on validation): the defaults
+      at SAM's ρ = 0.4 keep 83 % of SAM's 17-point gain (90.8 % test accuracy,
+      SGD 76.7 %, SAM 93.7 %); the joint radius on the same output layer kept
+      about a third of it at SAM's ρ and needed ρ ≈ 4 to catch up.
     * **Truncated ascent, reused activations.** Let the *cut* be the highest of
       at most ``max_cuts`` precomputed depths at or below the lowest chosen
       layer (spread over the layers that can be the lowest chosen one: all but
