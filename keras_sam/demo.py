@@ -229,8 +229,9 @@ def plot(results: list[dict], path: str) -> None:
         ax_cost.plot(ratio, 100 * r["accuracy"], marker, color=f"C{i}", label=r["label"])
         epoch_time = r["steps_per_epoch"] * r["step_time"]
         curve = 100 * np.asarray(r["history"]["val_accuracy"])
-        ax_time.plot(epoch_time * np.arange(1, len(curve) + 1), curve, color=f"C{i}",
-                     label=r["label"])
+        ax_time.plot(
+            epoch_time * np.arange(1, len(curve) + 1), curve, color=f"C{i}", label=r["label"]
+        )
     ax_cost.set_xlabel("step time / base optimizer's")
     ax_cost.set_ylabel("test accuracy (%)")
     ax_cost.set_title("accuracy against cost")
