@@ -12,6 +12,24 @@ from benchmarks import harness
 
 CHEAP = ("ksam", "layerwise", "msam", "adamw-msam")
 TARGET_FRACTION_OF_SAM_GAIN = 0.8
+#: Two-sided 97.5 % quantiles of Student's t, by degrees of freedom (a 95 % interval).
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228}
+
+
+def paired_gain(runs: list[dict], row: dict, base_row: dict) -> tuple[float, float]:
+    """Mean and 95 % confidence half-width of the test-accuracy gain of ``row`` over
+    ``base_row``, paired by seed (same data, same initial weights); NaN below 2 seeds."""
+    def by_seed(r: dict) -> dict:
+        return {g["seed"]: g["test_accuracy"] for g in runs
+                if (g["noise"], g["method"], g["rho"]) == (r["noise"], r["method"], r["rho"])}
+
+    mine, base = by_seed(row), by_seed(base_row)
+    diffs = np.array([mine[seed] - base[seed] for seed in mine if seed in base])
+    if len(diffs) < 2:
+        return float(np.mean(diffs)) if len(diffs) else float("nan"), float("nan")
+    t = T_975.get(len(diffs) - 1, 1.96)
+    return float(diffs.mean()), float(t * diffs.std(ddof=1) / np.sqrt(len(diffs)))
 
 
 def aggregate(runs: list[dict], methods: dict, names: Sequence[str], noises: Sequence[float]
@@ -59,16 +77,22 @@ def aggregate(runs: list[dict], methods: dict, names: Sequence[str], noises: Seq
             chosen["sam"]["test_mean"] - chosen["sgd"]["test_mean"]
             if "sam" in chosen and "sgd" in chosen else float("nan")
         )
+        sam_gain_ci95 = (
+            paired_gain(runs, chosen["sam"], chosen["sgd"])[1]
+            if "sam" in chosen and "sgd" in chosen else float("nan")
+        )
         rows = {}
         for name, g in chosen.items():
             base = chosen.get(methods[name].base)
             gain = g["test_mean"] - base["test_mean"] if base else float("nan")
             target = base["test_mean"] if base else float("nan")
+            gain_ci95 = paired_gain(runs, g, base)[1] if base else float("nan")
             fraction = gain / sam_gain if sam_gain and np.isfinite(sam_gain) and sam_gain > 0 \
                 else float("nan")
             rows[name] = {
                 **{k: v for k, v in g.items() if k not in ("test_curve", "time_curve")},
                 "gain_over_base": gain,
+                "gain_ci95": gain_ci95,
                 "time_to_base_accuracy_s": time_to_accuracy(g, target),
                 "fraction_of_sam_gain": fraction if name != methods[name].base else None,
                 "meets_target": (
@@ -78,7 +102,8 @@ def aggregate(runs: list[dict], methods: dict, names: Sequence[str], noises: Seq
                 "test_curve": g["test_curve"],
                 "time_curve": g["time_curve"],
             }
-        summary[f"{noise:g}"] = {"sam_gain": sam_gain, "methods": rows}
+        summary[f"{noise:g}"] = {"sam_gain": sam_gain, "sam_gain_ci95": sam_gain_ci95,
+                                 "methods": rows}
     return {"grid": grid, "summary": summary}
 
 
@@ -120,9 +145,10 @@ def markdown(report: dict) -> str:
     for noise, block in report["summary"].items():
         lines += [
             f"## Label noise {float(noise):.0%} (SAM's gain over SGD: "
-            f"{100 * block['sam_gain']:+.2f} points)",
+            f"{100 * block['sam_gain']:+.2f} points, 95 % CI ± "
+            f"{100 * block['sam_gain_ci95']:.2f}, paired by seed)",
             "",
-            "| method | ρ | test accuracy (%) | gain over base | of SAM's gain | cost | "
+            "| method | ρ | test accuracy (%) | gain over base (95 % CI) | of SAM's gain | cost | "
             "training time (s) | time to the base's final accuracy (s) | "
             "ascent sharpness | m-sharpness | Hessian λ_max | random sharpness |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -137,7 +163,9 @@ def markdown(report: dict) -> str:
                 mark = {True: " ✅", False: " ❌", None: ""}[r["meets_target"]]
                 frac_text = f"{100 * fraction:.0f} %{mark}"
             rho = "" if r["rho"] is None else f"{r['rho']:g}"
-            gain = "" if methods[name]["base"] == name else f"{100 * r['gain_over_base']:+.2f}"
+            gain = "" if methods[name]["base"] == name else (
+                f"{100 * r['gain_over_base']:+.2f} ± {100 * r['gain_ci95']:.2f}"
+            )
             reach = r["time_to_base_accuracy_s"]
             reach_text = "never" if reach is None else f"{reach:.1f}"
             lines.append(

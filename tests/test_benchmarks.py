@@ -106,6 +106,20 @@ def test_generalization_quick_reports_every_method(tmp_path):
         assert (tmp_path / name).stat().st_size > 500
 
 
+def test_paired_gain_is_a_t_interval_over_seeds():
+    def run(method, seed, accuracy):
+        return {"noise": 0.4, "method": method, "rho": None, "seed": seed,
+                "test_accuracy": accuracy}
+
+    runs = [run("sgd", 0, 0.70), run("sgd", 1, 0.80), run("sgd", 2, 0.75),
+            run("sam", 0, 0.80), run("sam", 1, 0.88), run("sam", 2, 0.87)]
+    row, base = ({"noise": 0.4, "method": m, "rho": None} for m in ("sam", "sgd"))
+    mean, half_width = generalization_report.paired_gain(runs, row, base)
+    # Differences 0.10, 0.08, 0.12: mean 0.10, sd 0.02, t(2) = 4.303.
+    assert mean == pytest.approx(0.10)
+    assert half_width == pytest.approx(4.303 * 0.02 / math.sqrt(3))
+
+
 def test_time_to_accuracy_is_the_first_epoch_at_the_target():
     row = {"test_curve": [0.5, 0.8, 0.7, 0.9], "time_curve": [1.0, 2.0, 3.0, 4.0]}
     assert generalization_report.time_to_accuracy(row, 0.7) == 2.0
