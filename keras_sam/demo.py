@@ -189,10 +189,12 @@ def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def results_table(results: list[dict]) -> str:
-    """A markdown table; ratios and extra memory are relative to each method's base."""
+    """A markdown table; ratios and extra variables are relative to each method's base
+    (what a method keeps between steps; the memory a step needs is measured by
+    ``python -m benchmarks.memory``)."""
     by_name = {r["name"]: r for r in results}
     rows = [
-        "| method | test accuracy | step time (ms) | ratio to base | extra memory |",
+        "| method | test accuracy | step time (ms) | ratio to base | extra variables |",
         "|---|---|---|---|---|",
     ]
     for r in results:
