@@ -125,8 +125,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Generalization benchmark: digits with label noise",
         "",
-        f"`{m['command']}` — {m['date']}, {m['device']}, total "
-        f"{report['wall_clock_s'] / 60:.1f} min.",
+        f"{harness.provenance(m)}, total {report['wall_clock_s'] / 60:.1f} min.",
         "",
         *([harness.load_note(report["load"]), ""] if "load" in report else []),
         f"Model `{s['model']}`"

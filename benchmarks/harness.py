@@ -152,6 +152,11 @@ def machine_load(start: list | None, rounds: Sequence[list | None] = ()) -> dict
             "logical_cores": cores, "high_load": bool(seen) and max(seen) > cores}
 
 
+def provenance(machine: dict) -> str:
+    """A report's first line: the command that wrote it, when, and on what device."""
+    return f"`{machine['command']}` — {machine['date']}, {machine['device']}"
+
+
 def load_note(load: dict) -> str:
     """A markdown line on the machine's load (a warning when it was high)."""
     text = (f"Load average (1 min) {load['load_at_start'] and load['load_at_start'][0]} at "

@@ -186,8 +186,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Peak memory above the base optimizer",
         "",
-        f"`{report['machine']['command']}` — {report['machine']['date']}, "
-        f"{report['machine']['device']}, Keras backend {report['machine']['keras_backend']}.",
+        f"{harness.provenance(report['machine'])}, Keras backend "
+        f"{report['machine']['keras_backend']}.",
         "",
         "Each cell: peak memory during training above the base optimizer's, in copies of",
         "the model's parameters (MiB in brackets); compilation excluded (`steady`), then",

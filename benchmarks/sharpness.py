@@ -122,8 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cost = report["cost"]
     text = (
         "# What measuring sharpness costs\n\n"
-        f"`{report['machine']['command']}` — {report['machine']['date']}, "
-        f"{report['machine']['device']}. {harness.load_note(report['load'])}\n\n"
+        f"{harness.provenance(report['machine'])}. {harness.load_note(report['load'])}\n\n"
         "Speed benchmark CNN (BatchNorm, 32×32×3), inference mode, batch 128, compiled.\n\n"
         "| gradient (ms) | Hessian-vector product (ms) | HVP / gradient | "
         f"top eigenvalue on {cost['samples']} samples (s) |\n|---|---|---|---|\n"

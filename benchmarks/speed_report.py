@@ -21,8 +21,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Speed benchmark",
         "",
-        f"`{report['machine']['command']}` — {report['machine']['date']}, "
-        f"{report['machine']['device']}.",
+        f"{harness.provenance(report['machine'])}.",
         "",
         *([harness.load_note(report["load"]), ""] if "load" in report else []),
         f"Per-step time of the {function}, {report['settings']['rounds']} "

@@ -188,6 +188,12 @@ def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
+def _ratio_to_base(result: dict, by_name: dict) -> float:
+    """``result``'s median step time over its base optimizer's (NaN without the base)."""
+    base = by_name.get(result["base"])
+    return result["step_time"] / base["step_time"] if base else float("nan")
+
+
 def results_table(results: list[dict]) -> str:
     """A markdown table; ratios and extra variables are relative to each method's base
     (what a method keeps between steps; the memory a step needs is measured by
@@ -199,7 +205,7 @@ def results_table(results: list[dict]) -> str:
     ]
     for r in results:
         base = by_name.get(r["base"])
-        ratio = r["step_time"] / base["step_time"] if base else float("nan")
+        ratio = _ratio_to_base(r, by_name)
         extra = r["wrapper_bytes"] + r["optimizer_bytes"] - (base["optimizer_bytes"] if base else 0)
         rows.append(
             f"| {r['label']} | {100 * r['accuracy']:.2f} % | {1000 * r['step_time']:.2f} "
@@ -225,8 +231,7 @@ def plot(results: list[dict], path: str) -> None:
     by_name = {r["name"]: r for r in results}
     fig, (ax_cost, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
     for i, r in enumerate(results):
-        base = by_name.get(r["base"])
-        ratio = r["step_time"] / base["step_time"] if base else 1.0
+        ratio = _ratio_to_base(r, by_name)
         marker = "s" if r["name"] == r["base"] else "o"
         ax_cost.plot(ratio, 100 * r["accuracy"], marker, color=f"C{i}", label=r["label"])
         epoch_time = r["steps_per_epoch"] * r["step_time"]
