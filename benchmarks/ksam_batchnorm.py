@@ -1,6 +1,8 @@
 """K-SAM on the demo's BatchNorm CNN (digits, batch 64): test accuracy against SGD
-and SAM for several k and seeds, and the same top-k rule on an MLP without
-BatchNorm. The experiment behind the K-SAM warning in docs/concepts/methods.md.
+and SAM for several k and seeds, with SGD's learning rate and with it scaled by
+k/|B| (the chosen samples' gradient averaged over the whole batch), and the same
+top-k rule on an MLP without BatchNorm. The experiment behind the K-SAM warning
+in docs/concepts/methods.md.
 
     python -m benchmarks.ksam_batchnorm [--epochs 15] [--seeds 0 1 2]
 """
@@ -27,11 +29,11 @@ def _mlp(input_shape: tuple, num_classes: int, seed: int) -> keras.Model:
 
 
 def run(name: str, overrides: dict | None, build: object, data: tuple, seed: int,
-        epochs: int) -> float:
+        epochs: int, lr_factor: float = 1.0) -> float:
     (x_train, y_train), (x_test, y_test), num_classes = data
     model = build(x_train.shape[1:], num_classes, seed)
     steps = epochs * int(np.ceil(len(x_train) / 64))
-    lr = keras.optimizers.schedules.CosineDecay(demo.SGD_LR, decay_steps=steps)
+    lr = keras.optimizers.schedules.CosineDecay(demo.SGD_LR * lr_factor, decay_steps=steps)
     if overrides is None:
         trainer, optimizer = model, registry.BASES["sgd"].make(lr)
     else:
@@ -47,19 +49,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
+    share = {0.1: 6 / 64, 0.25: 16 / 64}  # k/|B| for batches of 64
     runs = {
-        "SGD": ("sgd", None, demo.build_model),
-        "SAM": ("sam", {}, demo.build_model),
-        "K-SAM k=0.1": ("ksam", {"k": 0.1}, demo.build_model),
-        "K-SAM k=0.25": ("ksam", {"k": 0.25}, demo.build_model),
-        "K-SAM k=0.1, rho=0 (top-k SGD)": ("ksam", {"k": 0.1, "rho": 0.0}, demo.build_model),
-        "MLP, no BatchNorm: K-SAM k=0.1, rho=0": ("ksam", {"k": 0.1, "rho": 0.0}, _mlp),
-        "MLP, no BatchNorm: K-SAM k=0.25": ("ksam", {"k": 0.25}, _mlp),
+        "SGD": ("sgd", None, demo.build_model, 1.0),
+        "SAM": ("sam", {}, demo.build_model, 1.0),
+        "K-SAM k=0.1": ("ksam", {"k": 0.1}, demo.build_model, 1.0),
+        "K-SAM k=0.25": ("ksam", {"k": 0.25}, demo.build_model, 1.0),
+        "K-SAM k=0.1, rho=0 (top-k SGD)": ("ksam", {"k": 0.1, "rho": 0.0}, demo.build_model, 1.0),
+        "K-SAM k=0.1, lr x k/|B|": ("ksam", {"k": 0.1}, demo.build_model, share[0.1]),
+        "K-SAM k=0.25, lr x k/|B|": ("ksam", {"k": 0.25}, demo.build_model, share[0.25]),
+        "MLP, no BatchNorm: K-SAM k=0.1, rho=0": ("ksam", {"k": 0.1, "rho": 0.0}, _mlp, 1.0),
+        "MLP, no BatchNorm: K-SAM k=0.25": ("ksam", {"k": 0.25}, _mlp, 1.0),
     }
     print("| run | test accuracy (mean over seeds) | per seed |\n|---|---|---|")
-    for label, (name, overrides, build) in runs.items():
+    for label, (name, overrides, build, lr_factor) in runs.items():
         accuracies = [
-            run(name, overrides, build, demo.load_digits(0.0, seed), seed, args.epochs)
+            run(name, overrides, build, demo.load_digits(0.0, seed), seed, args.epochs, lr_factor)
             for seed in args.seeds
         ]
         print(f"| {label} | {100 * np.mean(accuracies):.2f} % | "

@@ -8,13 +8,14 @@ By default SAM, ASAM and the three papers' cheap methods; any method of
 `keras_sam.registry` with `--methods`. Every run uses the same CNN (with
 BatchNorm), seed and cosine learning-rate decay.
 Prints Keras progress bars, then a table: test accuracy, median step time as a
-ratio to the base optimizer (measured in this process), and the memory each
-method adds (bytes of extra variables).
+ratio to the base optimizer (measured in this process), and the most memory a
+training step allocated, beside its base optimizer's (see `StepMemory`).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 from collections.abc import Sequence
@@ -132,8 +133,65 @@ class StepTimer(keras.callbacks.Callback):
             self.times.append(time.perf_counter() - self._start)
 
 
-def _variable_bytes(variables: Sequence[Any]) -> int:
-    return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables))
+class StepMemory(keras.callbacks.Callback):
+    """The most memory one training step allocated, in ``peak_bytes``: per batch, the
+    peak bytes the backend's allocator held above what it held when the batch began
+    (``None`` where the backend does not say).
+
+    TensorFlow reports its allocator on a CPU or GPU
+    (`tf.config.experimental.get_memory_info`), PyTorch on a GPU
+    (`torch.cuda.max_memory_allocated`); JAX on a CPU and PyTorch on a CPU do not
+    (``python -m benchmarks.memory`` measures the process there). What a step
+    allocates and frees counts (gradients, ε, activations, the compiled step's
+    temporaries); what persists between steps (weights, optimizer slots) does not.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak_bytes: int | None = None
+        self._reset, self._read = _allocator_probe()
+        self._start = 0
+        self._measuring = False
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        # The first epoch builds the optimizer's slots and compiles: not a step's memory.
+        self._measuring = epoch > 0 and self._reset is not None
+        if self._measuring:
+            gc.collect()  # garbage freed during a step would hide what the step allocates
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        if self._measuring:
+            self._start = self._reset()
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if self._measuring:
+            self.peak_bytes = max(self.peak_bytes or 0, int(self._read() - self._start))
+
+
+def _allocator_probe() -> tuple[Any, Any]:
+    """``(reset, read_peak)`` for the backend's allocator: ``reset()`` clears its peak
+    and returns the bytes in use; ``(None, None)`` where the backend does not say."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        device = "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
+
+        def reset_tf() -> int:
+            tf.config.experimental.reset_memory_stats(device)
+            return tf.config.experimental.get_memory_info(device)["current"]
+
+        return reset_tf, lambda: tf.config.experimental.get_memory_info(device)["peak"]
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+
+            def reset_torch() -> int:
+                torch.cuda.reset_peak_memory_stats()
+                return torch.cuda.memory_allocated()
+
+            return reset_torch, torch.cuda.max_memory_allocated
+    return None, None
 
 
 def run_method(name: str, data: tuple, args: argparse.Namespace, verbose: int) -> dict:
@@ -148,7 +206,7 @@ def run_method(name: str, data: tuple, args: argparse.Namespace, verbose: int) -
         metrics=["accuracy"],
         jit_compile=not args.no_jit,
     )
-    timer = StepTimer()
+    timer, memory = StepTimer(), StepMemory()
     print(f"\n== {_label(name)} ==")
     history = trainer.fit(
         x_train,
@@ -157,11 +215,9 @@ def run_method(name: str, data: tuple, args: argparse.Namespace, verbose: int) -
         epochs=args.epochs,
         validation_data=(x_test, y_test),
         verbose=verbose,
-        callbacks=[*_callbacks(name, x_train), timer],
+        callbacks=[*_callbacks(name, x_train), timer, memory],
     )
     test_accuracy = accuracy(model, x_test, y_test)
-    own = {id(v) for v in model.variables}
-    extra = [v for v in trainer.variables if id(v) not in own]
     return {
         "name": name,
         "label": _label(name),
@@ -169,8 +225,7 @@ def run_method(name: str, data: tuple, args: argparse.Namespace, verbose: int) -
         "accuracy": test_accuracy,
         "step_time": float(np.median(timer.times)) if timer.times else float("nan"),
         "steps_per_epoch": int(np.ceil(len(x_train) / args.batch_size)),
-        "optimizer_bytes": _variable_bytes(trainer.optimizer.variables),
-        "wrapper_bytes": _variable_bytes(extra),
+        "peak_bytes": memory.peak_bytes,
         "history": history.history,
     }
 
@@ -188,36 +243,42 @@ def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
-def _ratio_to_base(result: dict, by_name: dict) -> float:
-    """``result``'s median step time over its base optimizer's (NaN without the base)."""
+def _ratio_to_base(result: dict, by_name: dict, key: str) -> float:
+    """``result[key]`` over its base optimizer's (NaN without the base or a value)."""
     base = by_name.get(result["base"])
-    return result["step_time"] / base["step_time"] if base else float("nan")
+    if not base or not base[key] or result[key] is None:
+        return float("nan")
+    return result[key] / base[key]
 
 
 def results_table(results: list[dict]) -> str:
-    """A markdown table; ratios and extra variables are relative to each method's base
-    (what a method keeps between steps; the memory a step needs is measured by
-    ``python -m benchmarks.memory``)."""
+    """A markdown table; ratios are relative to each method's base optimizer."""
     by_name = {r["name"]: r for r in results}
     rows = [
-        "| method | test accuracy | step time (ms) | ratio to base | extra variables |",
+        "| method | test accuracy | step time (ms) | ratio to base | step memory (ratio to base) |",
         "|---|---|---|---|---|",
     ]
     for r in results:
-        base = by_name.get(r["base"])
-        ratio = _ratio_to_base(r, by_name)
-        extra = r["wrapper_bytes"] + r["optimizer_bytes"] - (base["optimizer_bytes"] if base else 0)
         rows.append(
             f"| {r['label']} | {100 * r['accuracy']:.2f} % | {1000 * r['step_time']:.2f} "
-            f"| {ratio:.2f}x | {_human_bytes(extra)} |"
+            f"| {_ratio_to_base(r, by_name, 'step_time'):.2f}x | {_memory(r, by_name)} |"
         )
     return "\n".join(rows)
 
 
-def _human_bytes(count: int) -> str:
+def _memory(result: dict, by_name: dict) -> str:
+    if result["peak_bytes"] is None:
+        return "n/a (backend does not report)"
+    ratio = _ratio_to_base(result, by_name, "peak_bytes")
+    return f"{_human_bytes(result['peak_bytes'])} ({ratio:.2f}x)"
+
+
+def _human_bytes(count: float) -> str:
     if count < 1024:
-        return f"{count} B"
-    return f"{count / 1024:.1f} KiB"
+        return f"{count:.0f} B"
+    if count < 1024**2:
+        return f"{count / 1024:.1f} KiB"
+    return f"{count / 1024**2:.1f} MiB"
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -231,7 +292,7 @@ def plot(results: list[dict], path: str) -> None:
     by_name = {r["name"]: r for r in results}
     fig, (ax_cost, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
     for i, r in enumerate(results):
-        ratio = _ratio_to_base(r, by_name)
+        ratio = _ratio_to_base(r, by_name, "step_time")
         marker = "s" if r["name"] == r["base"] else "o"
         ax_cost.plot(ratio, 100 * r["accuracy"], marker, color=f"C{i}", label=r["label"])
         epoch_time = r["steps_per_epoch"] * r["step_time"]

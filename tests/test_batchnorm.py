@@ -74,6 +74,60 @@ def test_the_statistics_follow_the_chosen_samples_current_values():
     )
 
 
+def _gradient(fn, x: np.ndarray) -> np.ndarray:
+    """d Σ fn(x) / dx on the current backend."""
+    name = keras.backend.backend()
+    if name == "jax":
+        import jax
+
+        return np.asarray(jax.grad(lambda v: ops.sum(fn(v)))(x))
+    if name == "torch":
+        import torch
+
+        value = torch.tensor(x, requires_grad=True)
+        ops.sum(fn(value)).backward()
+        return value.grad.cpu().numpy()
+    import tensorflow as tf
+
+    value = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(value)
+        total = ops.sum(fn(value))
+    return tape.gradient(total, value).numpy()
+
+
+@pytest.mark.parametrize("chosen", [np.array([1, 4, 7]), np.arange(8)], ids=["subset", "all"])
+def test_the_chosen_samples_stand_for_the_batch_in_the_statistics_gradient(chosen):
+    """Values: the whole batch's moments. Gradient: each of the k chosen samples
+    weighs 1/k (the whole batch's BatchNorm gives 1/n to each of its n samples),
+    so d mean / dx_i = 1/k and d var / dx_i = 2 (x_i - mean) / k; with k = n these
+    are the batch's own."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 3)).astype("float32") * 2.0 + 1.0
+    model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
+    layer = model.layers[0]
+    with batchnorm.record(model) as recorded:
+        model(x, training=True)
+    statistics = batchnorm.rest_of_batch(recorded, ops.convert_to_tensor(chosen), len(x))
+
+    def moment(index):
+        def fn(values):
+            with batchnorm.replay(model, list(statistics)):
+                return layer._moments(values, None)[index]
+
+        return fn
+
+    mean, variance = x.mean(axis=0), x.var(axis=0)
+    k = len(chosen)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(moment(1)(x[chosen])), variance, rtol=1e-5
+    )
+    np.testing.assert_allclose(_gradient(moment(0), x[chosen]), np.full((k, 3), 1 / k), rtol=1e-5)
+    np.testing.assert_allclose(
+        _gradient(moment(1), x[chosen]), 2 * (x[chosen] - mean) / k, rtol=1e-4, atol=1e-6
+    )
+
+
 def test_more_calls_than_recorded_is_an_error():
     model = _conv_bn_model()
     with batchnorm.record(model) as recorded:

@@ -35,9 +35,10 @@ class KSAM(SharpnessAwareTrainer):
     BatchNorm statistics, and they normalize with the statistics of the whole
     batch, taken from the ranking pass: the k chosen samples (often a handful,
     all of them the hardest) would otherwise be normalized among themselves, and
-    the gradient would be that of a different network. (This choice is ours; the
-    paper does not discuss BatchNorm.) With k = |B| this is SAM; with ρ = 0 it is
-    the base optimizer on the top-k samples.
+    the gradient would be that of a different network. The gradient through
+    those statistics is estimated from the chosen samples (`keras_sam.batchnorm`).
+    (These choices are ours; the paper does not discuss BatchNorm.) With k = |B|
+    this is SAM; with ρ = 0 it is the base optimizer on the top-k samples.
 
     Cost, counting a backward as two forwards: F + 6Fκ against SGD's 3F and SAM's
     6F (κ = k/|B|), so ≈ 1/3 + 2κ times the base optimizer.
