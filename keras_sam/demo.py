@@ -15,7 +15,6 @@ training step allocated, beside its base optimizer's (see `StepMemory`).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import time
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ import keras
 import numpy as np
 
 import keras_sam
-from keras_sam import registry
+from keras_sam import backend, registry
 
 SGD_LR = 0.05
 ADAM_LR = 3e-3
@@ -136,28 +135,25 @@ class StepTimer(keras.callbacks.Callback):
 class StepMemory(keras.callbacks.Callback):
     """The most memory one training step allocated, in ``peak_bytes``: per batch, the
     peak bytes the backend's allocator held above what it held when the batch began
-    (``None`` where the backend does not say).
+    (`keras_sam.backend.allocator_probe`; ``None`` where the backend does not say).
 
-    TensorFlow reports its allocator on a CPU or GPU
-    (`tf.config.experimental.get_memory_info`), PyTorch on a GPU
-    (`torch.cuda.max_memory_allocated`); JAX on a CPU and PyTorch on a CPU do not
-    (``python -m benchmarks.memory`` measures the process there). What a step
-    allocates and frees counts (gradients, ε, activations, the compiled step's
-    temporaries); what persists between steps (weights, optimizer slots) does not.
+    TensorFlow reports its allocator on a CPU or GPU, PyTorch on a GPU; JAX and
+    PyTorch on a CPU do not (``python -m benchmarks.memory`` measures the process
+    there). What a step allocates and frees counts (gradients, ε, activations, the
+    compiled step's temporaries); what persists between steps (weights, optimizer
+    slots) does not. The first epoch, which builds the slots and compiles, is left out.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.peak_bytes: int | None = None
-        self._reset, self._read = _allocator_probe()
+        self._reset, self._read = backend.allocator_probe()
         self._start = 0
         self._measuring = False
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         # The first epoch builds the optimizer's slots and compiles: not a step's memory.
         self._measuring = epoch > 0 and self._reset is not None
-        if self._measuring:
-            gc.collect()  # garbage freed during a step would hide what the step allocates
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
         if self._measuring:
@@ -166,32 +162,6 @@ class StepMemory(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         if self._measuring:
             self.peak_bytes = max(self.peak_bytes or 0, int(self._read() - self._start))
-
-
-def _allocator_probe() -> tuple[Any, Any]:
-    """``(reset, read_peak)`` for the backend's allocator: ``reset()`` clears its peak
-    and returns the bytes in use; ``(None, None)`` where the backend does not say."""
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        device = "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
-
-        def reset_tf() -> int:
-            tf.config.experimental.reset_memory_stats(device)
-            return tf.config.experimental.get_memory_info(device)["current"]
-
-        return reset_tf, lambda: tf.config.experimental.get_memory_info(device)["peak"]
-    if keras.backend.backend() == "torch":
-        import torch
-
-        if torch.cuda.is_available():
-
-            def reset_torch() -> int:
-                torch.cuda.reset_peak_memory_stats()
-                return torch.cuda.memory_allocated()
-
-            return reset_torch, torch.cuda.max_memory_allocated
-    return None, None
 
 
 def run_method(name: str, data: tuple, args: argparse.Namespace, verbose: int) -> dict:

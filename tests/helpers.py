@@ -12,6 +12,8 @@ import keras
 import numpy as np
 import pytest
 
+from keras_sam import registry
+
 _TORCH = keras.backend.backend() == "torch"
 #: ``jit_compile`` for a test that wants a compiled step where the backend compiles
 #: one (on PyTorch the wrappers refuse ``jit_compile=True``).
@@ -88,6 +90,24 @@ def classification_data(n: int = 48, n_in: int = 8, n_classes: int = 3, seed: in
     x = rng.normal(size=(n, n_in)).astype("float32")
     y = rng.integers(0, n_classes, size=(n,)).astype("int32")
     return x, y
+
+
+def compiled_wide_mlp(name: str, width: int) -> tuple[keras.Model, keras.Model]:
+    """``(model, trainer)``: an MLP of four hidden layers of ``width`` and 10 logits,
+    trained by the registry method or base optimizer ``name`` and compiled with XLA
+    (the memory tests' setting: the parameters dominate)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((width,))
+    h = inputs
+    for _ in range(4):
+        h = keras.layers.Dense(width, activation="relu")(h)
+    model = keras.Model(inputs, keras.layers.Dense(10)(h))
+    if name in registry.BASES:
+        trainer, optimizer = model, registry.BASES[name].make(0.01)
+    else:
+        trainer, optimizer = registry.METHODS[name].build(model, learning_rate=0.01)
+    trainer.compile(optimizer=optimizer, loss=logits_loss(), jit_compile=True)
+    return model, trainer
 
 
 def logits_loss() -> keras.losses.Loss:

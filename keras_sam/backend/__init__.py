@@ -37,6 +37,8 @@ snapshot = _implementation.snapshot
 num_replicas = _implementation.num_replicas
 all_reduce_sum = _implementation.all_reduce_sum
 apply_if_finite = _implementation.apply_if_finite
+apply_gated = _implementation.apply_gated
+allocator_probe = _implementation.allocator_probe
 apply_gradients = _implementation.apply_gradients
 forward_and_gradients = _implementation.forward_and_gradients
 forward_and_sample_scores = _implementation.forward_and_sample_scores
@@ -68,6 +70,8 @@ __all__ = [
     "FUNCTIONS",
     "SUPPORTED_BACKENDS",
     "all_reduce_sum",
+    "allocator_probe",
+    "apply_gated",
     "apply_gradients",
     "apply_if_finite",
     "builds_model_in_first_step",

@@ -16,6 +16,26 @@ from keras_sam import internals
 from keras_sam.backend.interface import Reader, Tensor, Writer
 
 
+def apply_if_finite_on_host(apply_fn: Any, grads: list, variables: Any, finite: Any) -> None:
+    """``apply_fn(grads, variables)`` only when ``finite`` holds: a host-side branch,
+    for eager steps (PyTorch; the placeholders of backends that cannot train)."""
+    if bool(ops.convert_to_numpy(finite)):
+        apply_fn(grads, variables)
+
+
+def apply_gated_on_host(apply_fn: Any, grads: list, variables: Any, finite: Any) -> None:
+    """``apply_fn(grads, variables, None)`` only when ``finite`` holds: where the
+    branch is on the host it costs no memory, so nothing is gated."""
+    if bool(ops.convert_to_numpy(finite)):
+        apply_fn(grads, variables, None)
+
+
+def no_allocator_probe() -> tuple[None, None]:
+    """``(None, None)``: the backend does not report its allocator's peak (JAX, whose
+    CPU devices give no memory statistics and whose GPU peak cannot be reset)."""
+    return None, None
+
+
 def loss_scale(optimizer: Any) -> Tensor:
     """The factor `optimizer.scale_loss` multiplies a loss by (1 without scaling)."""
     return ops.cast(optimizer.scale_loss(ops.convert_to_tensor(1.0)), "float32")

@@ -68,6 +68,17 @@ class Backend(Protocol):
     def apply_if_finite(self, apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
         """``apply_fn(grads, variables)`` only where ``finite`` holds on every replica."""
 
+    def apply_gated(self, apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
+        """``apply_fn(grads, variables, gate)`` with no conditional: ``gate`` is the
+        flag agreed on every replica as a float32 1 or 0, the gradients zeroed where
+        it is 0, for an update written so that gate 0 leaves its state as it was;
+        ``gate=None`` (a host-side branch) when ``apply_fn`` runs only on a taken step."""
+
+    def allocator_probe(self) -> tuple[Any, Any]:
+        """``(reset, read_peak)`` for the backend's allocator on the training device:
+        ``reset()`` clears its peak and returns the bytes in use, ``read_peak()`` the
+        peak since; ``(None, None)`` where the backend does not say."""
+
     def apply_gradients(self, optimizer: Any, grads: list, variables: Sequence[Any]) -> None:
         """``optimizer.apply(grads, variables)`` inside a train step."""
 

@@ -126,7 +126,7 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """Clean weights, Adam moments and step, then decoupled decay, for one variable."""
         dtype = variable.dtype
-        lr = ops.cast(learning_rate, dtype)
+        lr = self._gated(ops.cast(learning_rate, dtype), 0.0)
         gradient = ops.cast(ops.convert_to_tensor(gradient), dtype)
         local_step = ops.cast(self.iterations + 1, dtype)
         beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
@@ -135,8 +135,10 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
         m = self.momentums[index]
         v = self.velocities[index]
         weights = self._unperturbed(variable, m)
-        new_m = ops.add(m, ops.multiply(ops.subtract(gradient, m), 1.0 - self.beta_1))
-        new_v = ops.add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1.0 - self.beta_2))
+        rate_1 = self._gated(ops.cast(1.0 - self.beta_1, dtype), 0.0)
+        rate_2 = self._gated(ops.cast(1.0 - self.beta_2, dtype), 0.0)
+        new_m = ops.add(m, ops.multiply(ops.subtract(gradient, m), rate_1))
+        new_v = ops.add(v, ops.multiply(ops.subtract(ops.square(gradient), v), rate_2))
         alpha = lr * ops.sqrt(1.0 - beta_2_power) / (1.0 - beta_1_power)
         step = ops.divide(ops.multiply(new_m, alpha), ops.add(ops.sqrt(new_v), self.epsilon))
         weights = self._maybe_decay(ops.subtract(weights, step), variable, lr)

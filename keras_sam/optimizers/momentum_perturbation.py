@@ -14,6 +14,16 @@ where ``d`` is the flavour's direction slot (SGD momentum, resp. Adam's raw firs
    ``s_new = rho_t / ||d_new||`` over all variables at once and re-perturb
    ``w~ = w - s_new * d_new``.
 
+A step whose gradients are not all finite is skipped without a conditional where it
+can be (`keras_sam.backend.apply_gated`): the gradients are zeroed and the flag, as a
+float ``gate`` of 1 or 0, turns every coefficient of the step into the identity
+(:meth:`MomentumPerturbationOptimizer._gated`), so the weights, slots and scalars
+are written back bit for bit and the step counter is restored. Under XLA a
+conditional around the update kept copies of its operands (Momentum-SAM's step
+peaked two parameter copies higher). With ``use_ema``, gradient accumulation or
+variables overwritten by their gradient (state written outside ``update_step``) the
+step runs inside `keras_sam.backend.apply_if_finite`'s conditional instead.
+
 The *applied* scale ``s`` is stored in the ``perturbation_scale`` slot, so the removal takes away
 exactly what was added even when ``rho`` follows a schedule (the authors' SGD code recomputes it
 from the current ``rho`` and leaves residue when ``rho`` changes). A second scalar slot,
@@ -85,6 +95,10 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         Computational Overhead. [arXiv:2401.12033](https://arxiv.org/abs/2401.12033)
     """
 
+    #: The step's float gate (1 taken, 0 skipped) while a gated step is traced; ``None``
+    #: otherwise (see the module docstring).
+    _gate: Any = None
+
     def __init__(self, learning_rate: Any, rho: RhoLike, **kwargs: Any) -> None:
         rho = validate_rho(rho, "rho")
         weight_decay = kwargs.pop("weight_decay", None)
@@ -147,7 +161,18 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
 
     def _unperturbed(self, variable: Any, direction: Any) -> Any:
         """The clean weights ``w~ + s * d`` of ``variable`` (to be used inside update_step)."""
-        return ops.add(variable, ops.multiply(self._applied_scale(variable.dtype), direction))
+        scale = self._gated(self._applied_scale(variable.dtype), 0.0)
+        return ops.add(variable, ops.multiply(scale, direction))
+
+    def _gated(self, value: Any, skipped: Any) -> Any:
+        """``value`` on a taken step, ``skipped`` on a skipped one (exactly: the other
+        term is multiplied by 0). A flavour passes each coefficient of its update
+        through this with the value that leaves its state unchanged: 0 for a step
+        size or a rate, 1 for a decay factor."""
+        if self._gate is None:
+            return value
+        gate = ops.cast(self._gate, ops.convert_to_tensor(value).dtype)
+        return ops.add(ops.multiply(value, gate), ops.multiply(skipped, 1.0 - gate))
 
     def _maybe_decay(self, weights: Any, variable: Any, learning_rate: Any) -> Any:
         """Decoupled weight decay ``w - lr * wd * w`` applied to the clean weights."""
@@ -176,7 +201,27 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
             trainable_variables = list(trainable_variables)
         if not self.built and trainable_variables is not None:
             self.build(trainable_variables)
-        backend.apply_if_finite(self._apply_finite, grads, trainable_variables, all_finite(grads))
+        finite = all_finite(grads)
+        if self.use_ema or self.gradient_accumulation_steps or self._overwrites_with_gradient():
+            backend.apply_if_finite(self._apply_finite, grads, trainable_variables, finite)
+        else:
+            backend.apply_gated(self._apply_gated, grads, trainable_variables, finite)
+
+    def _overwrites_with_gradient(self) -> bool:
+        return any(
+            getattr(v, "overwrite_with_gradient", False)
+            for v in internals.optimizer_variables_order(self)
+        )
+
+    def _apply_gated(self, grads: list, trainable_variables: Any, gate: Any) -> None:
+        self._gate = gate
+        try:
+            self._apply_finite(grads, trainable_variables)
+            if gate is not None:  # the base `apply` counted the step: take it back
+                counter = internals.iterations_variable(self)
+                counter.assign_sub(ops.cast(1.0 - gate, counter.dtype))
+        finally:
+            self._gate = None
 
     def _apply_finite(self, grads: list, trainable_variables: Any) -> None:
         self._maybe_warn_missing_callback()
@@ -225,10 +270,10 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         old_flag = ops.convert_to_tensor(self._is_perturbed)
         old_applied = ops.multiply(old_flag, old_scale)
         if update_mask is None:
-            scale_for_grad = new_scale
-            scale_delta = ops.subtract(new_scale, old_applied)
-            stored_scale = new_scale
-            stored_flag = ops.ones_like(old_flag)
+            scale_for_grad = self._gated(new_scale, 0.0)
+            scale_delta = self._gated(ops.subtract(new_scale, old_applied), 0.0)
+            stored_scale = self._gated(new_scale, old_scale)
+            stored_flag = self._gated(ops.ones_like(old_flag), old_flag)
         else:
             keep = ops.subtract(1.0, update_mask)
             scale_for_grad = ops.multiply(update_mask, new_scale)

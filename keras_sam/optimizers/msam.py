@@ -141,12 +141,13 @@ class MSAM(MomentumPerturbationOptimizer):
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """Clean weights, decoupled decay, momentum and SGD step for one variable."""
-        lr = ops.cast(learning_rate, variable.dtype)
+        lr = self._gated(ops.cast(learning_rate, variable.dtype), 0.0)
+        momentum = self._gated(ops.cast(self.momentum, variable.dtype), 1.0)
         gradient = ops.cast(ops.convert_to_tensor(gradient), variable.dtype)
         v = self.momentums[internals.variable_index(self, variable)]
         weights = self._unperturbed(variable, v)
         weights = self._maybe_decay(weights, variable, lr)
-        new_v = ops.add(ops.multiply(v, ops.cast(self.momentum, variable.dtype)), gradient)
+        new_v = ops.add(ops.multiply(v, momentum), gradient)
         self.assign(v, new_v)
         self.assign(variable, ops.subtract(weights, ops.multiply(lr, new_v)))
 

@@ -50,6 +50,8 @@ on the values it assigns, so XLA updates the (donated) state in place; selecting
 between old and new values with `where` kept both alive (on a 4-layer MLP, by the
 compiled step's memory analysis, the step's temporaries fell from 1.81 to 1.09
 parameter copies for SAM and from 4.0 to 2.0 for AdamW-MSAM; SGD's are 0.68).
+The Momentum-SAM optimizers use `apply_gated` instead, with no conditional at all
+(their step's temporaries 2.0 → 1.37 copies on that MLP).
 """
 
 from __future__ import annotations
@@ -269,6 +271,23 @@ def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) 
         after = jax.lax.cond(jax.numpy.asarray(finite), taken, list, before)
         for variable, value in zip(updated, after):
             variable.assign(value)
+
+
+allocator_probe = common.no_allocator_probe
+
+
+def apply_gated(apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
+    """``apply_fn(grads, variables, gate)``: the flag as a float32 gate and the
+    gradients zeroed where it is 0, with no `jax.lax.cond` (whose branch operands XLA
+    keeps beside its results). In a per-device step, ``apply_fn`` gets the gradients
+    summed over the devices and a flag agreed on every device
+    (`jax_replicas.reduced_update`)."""
+    with jax_replicas.reduced_update(list(grads), finite) as (grads, finite):
+        finite = jax.numpy.asarray(finite)
+        grads = [
+            None if g is None else jax.numpy.where(finite, g, 0).astype(g.dtype) for g in grads
+        ]
+        apply_fn(grads, variables, finite.astype("float32"))
 
 
 def apply_gradients(optimizer: Any, grads: list, variables: Sequence[Any]) -> None:

@@ -95,6 +95,32 @@ def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) 
     context.merge_call(cross_replica, args=(grads, failures))
 
 
+def allocator_probe() -> tuple[Any, Any]:
+    """TensorFlow's allocator on the first GPU, else the CPU
+    (`tf.config.experimental.get_memory_info`)."""
+    device = "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
+
+    def reset() -> int:
+        tf.config.experimental.reset_memory_stats(device)
+        return tf.config.experimental.get_memory_info(device)["current"]
+
+    return reset, lambda: tf.config.experimental.get_memory_info(device)["peak"]
+
+
+def apply_gated(apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
+    """``apply_fn(grads, variables, gate)``: the flag agreed on every replica (an
+    all-reduce in replica context, no `merge_call`) as a float32 gate, and the
+    gradients zeroed where it is 0. No conditional: XLA copies the operands of one
+    whose branch writes the weights (Momentum-SAM's step peaked two parameter copies
+    higher that way)."""
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        failures = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, "float32"))
+        finite = failures < 0.5
+    grads = [None if g is None else tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+    apply_fn(grads, variables, tf.cast(finite, "float32"))
+
+
 def apply_gradients(optimizer: Any, grads: list, variables: Sequence[Any]) -> None:
     """``optimizer.apply(grads, variables)`` (it all-reduces under `tf.distribute`)."""
     optimizer.apply(grads, variables)

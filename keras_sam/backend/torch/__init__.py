@@ -103,10 +103,20 @@ def all_reduce_sum(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
     return list(tensors)
 
 
-def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
-    """``apply_fn(grads, variables)`` only when ``finite`` holds (a host-side branch)."""
-    if bool(ops.convert_to_numpy(finite)):
-        apply_fn(grads, variables)
+def allocator_probe() -> tuple[Any, Any]:
+    """PyTorch's CUDA allocator when a GPU is present; ``(None, None)`` on a CPU."""
+    if not torch.cuda.is_available():
+        return None, None
+
+    def reset() -> int:
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+
+    return reset, torch.cuda.max_memory_allocated
+
+
+apply_if_finite = common.apply_if_finite_on_host
+apply_gated = common.apply_gated_on_host
 
 
 def apply_gradients(optimizer: Any, grads: list, variables: Sequence[Any]) -> None:

@@ -3,7 +3,7 @@
 `import keras_sam` works on every Keras backend. On these, whose trainers have no
 ``fit``, the train-step wrappers refuse to be constructed
 (`keras_sam.backend.check_supported`) and the functions they would call raise the
-same error; `apply_if_finite` and the single-copy variable updates of
+same error; `apply_if_finite`, `apply_gated` and the single-copy variable updates of
 `keras_sam.backend.common` are real, so the Momentum-SAM optimizers' own code runs.
 """
 
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from keras import ops
-
+from keras_sam.backend import common
 from keras_sam.backend.common import (
     builds_model_in_first_step,
     check_jit_compile,
@@ -25,11 +24,9 @@ from keras_sam.backend.common import (
     xla_compiled,
 )
 
-
-def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Any) -> None:
-    """``apply_fn(grads, variables)`` only when ``finite`` holds (eager Python branch)."""
-    if bool(ops.convert_to_numpy(finite)):
-        apply_fn(grads, variables)
+apply_if_finite = common.apply_if_finite_on_host
+apply_gated = common.apply_gated_on_host
+allocator_probe = common.no_allocator_probe
 
 
 def _unsupported(*args: Any, **kwargs: Any) -> Any:
