@@ -19,6 +19,8 @@ import numpy as np
 
 from keras_sam import demo, registry
 
+BATCH_SIZE = 64
+
 
 def _mlp(input_shape: tuple, num_classes: int, seed: int) -> keras.Model:
     keras.utils.set_random_seed(seed)
@@ -32,7 +34,7 @@ def run(name: str, overrides: dict | None, build: object, data: tuple, seed: int
         epochs: int, lr_factor: float = 1.0) -> float:
     (x_train, y_train), (x_test, y_test), num_classes = data
     model = build(x_train.shape[1:], num_classes, seed)
-    steps = epochs * int(np.ceil(len(x_train) / 64))
+    steps = epochs * int(np.ceil(len(x_train) / BATCH_SIZE))
     lr = keras.optimizers.schedules.CosineDecay(demo.SGD_LR * lr_factor, decay_steps=steps)
     if overrides is None:
         trainer, optimizer = model, registry.BASES["sgd"].make(lr)
@@ -40,7 +42,7 @@ def run(name: str, overrides: dict | None, build: object, data: tuple, seed: int
         trainer, optimizer = registry.METHODS[name].build(model, lr, **overrides)
     trainer.compile(optimizer=optimizer, jit_compile=True,
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    trainer.fit(x_train, y_train, batch_size=64, epochs=epochs, verbose=0)
+    trainer.fit(x_train, y_train, batch_size=BATCH_SIZE, epochs=epochs, verbose=0)
     return demo.accuracy(model, x_test, y_test)
 
 
@@ -49,15 +51,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
-    share = {0.1: 6 / 64, 0.25: 16 / 64}  # k/|B| for batches of 64
+    def share(k: float) -> float:  # k/|B|: the chosen samples' share of a batch
+        return round(k * BATCH_SIZE) / BATCH_SIZE
+
     runs = {
         "SGD": ("sgd", None, demo.build_model, 1.0),
         "SAM": ("sam", {}, demo.build_model, 1.0),
         "K-SAM k=0.1": ("ksam", {"k": 0.1}, demo.build_model, 1.0),
         "K-SAM k=0.25": ("ksam", {"k": 0.25}, demo.build_model, 1.0),
         "K-SAM k=0.1, rho=0 (top-k SGD)": ("ksam", {"k": 0.1, "rho": 0.0}, demo.build_model, 1.0),
-        "K-SAM k=0.1, lr x k/|B|": ("ksam", {"k": 0.1}, demo.build_model, share[0.1]),
-        "K-SAM k=0.25, lr x k/|B|": ("ksam", {"k": 0.25}, demo.build_model, share[0.25]),
+        "K-SAM k=0.1, lr x k/|B|": ("ksam", {"k": 0.1}, demo.build_model, share(0.1)),
+        "K-SAM k=0.25, lr x k/|B|": ("ksam", {"k": 0.25}, demo.build_model, share(0.25)),
         "MLP, no BatchNorm: K-SAM k=0.1, rho=0": ("ksam", {"k": 0.1, "rho": 0.0}, _mlp, 1.0),
         "MLP, no BatchNorm: K-SAM k=0.25": ("ksam", {"k": 0.25}, _mlp, 1.0),
     }

@@ -24,7 +24,7 @@ def global_norm(tensors: Sequence[Tensor | None]) -> Tensor:
         >>> float(global_norm([ops.array([3.0]), None, ops.array([[4.0]])]))
         5.0
     """
-    squares = [_flat_dot(t, t) for t in tensors if t is not None]
+    squares = [_sum_of_products(t, t) for t in tensors if t is not None]
     if not squares:
         return ops.zeros((), "float32")
     return ops.sqrt(ops.sum(ops.stack(squares)))
@@ -116,7 +116,7 @@ def all_finite(tensors: Sequence[Tensor | None]) -> Tensor:
     return ops.all(ops.stack(checks))
 
 
-def _flat_dot(x: Tensor, y: Tensor) -> Tensor:
+def _sum_of_products(x: Tensor, y: Tensor) -> Tensor:
     """Σ x·y over every entry, as dot products of the rows of the tensors seen as
     float32 matrices (their last axis kept).
 
@@ -149,7 +149,7 @@ def inner_product(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> Ten
         >>> float(inner_product(a, [ops.array([3.0, 4.0]), ops.array([1.0])]))
         11.0
     """
-    products = [_flat_dot(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    products = [_sum_of_products(x, y) for x, y in zip(a, b) if x is not None and y is not None]
     if not products:
         return ops.zeros((), "float32")
     return ops.sum(ops.stack(products))
