@@ -110,10 +110,31 @@ def all_finite(tensors: Sequence[Tensor | None]) -> Tensor:
         >>> bool(all_finite([ops.array([float("nan")])]))
         False
     """
-    checks = [ops.all(ops.isfinite(t)) for t in tensors if t is not None]
+    checks = [is_finite(t) for t in tensors if t is not None]
     if not checks:
         return ops.convert_to_tensor(True)
     return ops.all(ops.stack(checks))
+
+
+def is_finite(tensor: Tensor) -> Tensor:
+    """True when every entry of ``tensor`` is finite, read as ``isfinite(sum(tensor))``
+    (a NaN or an infinity makes the sum NaN or infinite; so does a sum past the
+    dtype's largest value, which this counts as not finite).
+
+    XLA on a CPU reduces a large tensor through a tree of partial reductions whose
+    input is materialized: ``all(isfinite(t))`` kept a boolean copy of every
+    gradient (a quarter of a parameter copy) and delayed the updates that wait for
+    it; the sum reads the tensor in place.
+
+    Examples:
+        >>> from keras import ops
+        >>> bool(is_finite(ops.array([1.0, -1.0])))
+        True
+        >>> bool(is_finite(ops.array([1.0, float("inf")])))
+        False
+    """
+    rows = _as_rows(tensor)
+    return ops.isfinite(ops.sum(ops.matmul(rows, ops.ones((rows.shape[-1],), rows.dtype))))
 
 
 def _sum_of_products(x: Tensor, y: Tensor) -> Tensor:

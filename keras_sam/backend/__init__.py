@@ -38,6 +38,7 @@ num_replicas = _implementation.num_replicas
 all_reduce_sum = _implementation.all_reduce_sum
 apply_if_finite = _implementation.apply_if_finite
 apply_gated = _implementation.apply_gated
+sequenced = _implementation.sequenced
 allocator_probe = _implementation.allocator_probe
 apply_gradients = _implementation.apply_gradients
 forward_and_gradients = _implementation.forward_and_gradients
@@ -89,6 +90,7 @@ __all__ = [
     "is_multi_worker",
     "loss_scale",
     "num_replicas",
+    "sequenced",
     "snapshot",
     "stateful_train_step",
     "stateless_gradients",

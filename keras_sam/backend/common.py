@@ -7,7 +7,7 @@ programs and PyTorch's eager steps alike) are defined here once as well.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from keras import ops
@@ -23,11 +23,32 @@ def apply_if_finite_on_host(apply_fn: Any, grads: list, variables: Any, finite: 
         apply_fn(grads, variables)
 
 
-def apply_gated_on_host(apply_fn: Any, grads: list, variables: Any, finite: Any) -> None:
-    """``apply_fn(grads, variables, None)`` only when ``finite`` holds: where the
-    branch is on the host it costs no memory, so nothing is gated."""
-    if bool(ops.convert_to_numpy(finite)):
-        apply_fn(grads, variables, None)
+def apply_gated(apply_fn: Any, grads: list, variables: Any, finite: Any) -> None:
+    """``apply_fn(grads, variables, gate)``, ``finite`` as a float32 gate: there is
+    one replica to agree with."""
+    apply_fn(grads, variables, ops.cast(finite, "float32"))
+
+
+def sequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """``value``, made to depend on every tensor of ``tensors`` (one element each,
+    through ``min(|t|, 0)``, which is 0 for every number but NaN).
+
+    For a compiler that fuses element-wise work (XLA): a tensor with a second
+    consumer is materialized rather than fused into its other consumer, so an
+    update written in two parts (the Momentum-SAM step before and after the norm
+    of every new direction) is written in place part by part, instead of fused
+    into one loop that needs the inputs of both (a copy of every momentum slot).
+    """
+    for tensor in tensors:
+        first = ops.reshape(ops.convert_to_tensor(tensor), (-1,))[:1]
+        first = ops.cast(first, ops.convert_to_tensor(value).dtype)
+        value = ops.add(value, ops.sum(ops.minimum(ops.abs(first), 0.0)))
+    return value
+
+
+def unsequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """``value``: eager steps run in the order written (PyTorch; the placeholders)."""
+    return value
 
 
 def no_allocator_probe() -> tuple[None, None]:

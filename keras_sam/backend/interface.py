@@ -70,9 +70,13 @@ class Backend(Protocol):
 
     def apply_gated(self, apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
         """``apply_fn(grads, variables, gate)`` with no conditional: ``gate`` is the
-        flag agreed on every replica as a float32 1 or 0, the gradients zeroed where
-        it is 0, for an update written so that gate 0 leaves its state as it was;
-        ``gate=None`` (a host-side branch) when ``apply_fn`` runs only on a taken step."""
+        flag agreed on every replica as a float32 1 or 0, for an update that checks
+        each variable's gradient itself (Momentum-SAM) and uses the flag for what
+        the whole step writes (the step counter)."""
+
+    def sequenced(self, value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+        """``value``, computed only once every tensor of ``tensors`` is: under XLA
+        those are then materialized, not fused into ``value``'s consumers."""
 
     def allocator_probe(self) -> tuple[Any, Any]:
         """``(reset, read_peak)`` for the backend's allocator on the training device:

@@ -126,8 +126,8 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """Clean weights, Adam moments and step, then decoupled decay, for one variable."""
         dtype = variable.dtype
-        lr = self._gated(ops.cast(learning_rate, dtype), 0.0)
-        gradient = ops.cast(ops.convert_to_tensor(gradient), dtype)
+        gradient, gate = self._checked(ops.cast(ops.convert_to_tensor(gradient), dtype))
+        lr = self._gated(ops.cast(learning_rate, dtype), 0.0, gate)
         local_step = ops.cast(self.iterations + 1, dtype)
         beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
         beta_2_power = ops.power(ops.cast(self.beta_2, dtype), local_step)
@@ -135,16 +135,25 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
         m = self.momentums[index]
         v = self.velocities[index]
         weights = self._unperturbed(variable, m)
-        rate_1 = self._gated(ops.cast(1.0 - self.beta_1, dtype), 0.0)
-        rate_2 = self._gated(ops.cast(1.0 - self.beta_2, dtype), 0.0)
-        new_m = ops.add(m, ops.multiply(ops.subtract(gradient, m), rate_1))
-        new_v = ops.add(v, ops.multiply(ops.subtract(ops.square(gradient), v), rate_2))
+        rate_1 = self._gated(ops.cast(1.0 - self.beta_1, dtype), 0.0, gate)
+        rate_2 = self._gated(ops.cast(1.0 - self.beta_2, dtype), 0.0, gate)
+
+        def moments(rate_1: Any, rate_2: Any) -> tuple:
+            # m * (1 - r) + g * r: no subexpression but the gradient is shared between
+            # the weights' update and the moments' (`_slots_after`), so XLA keeps none.
+            return (
+                ops.add(ops.multiply(m, 1.0 - rate_1), ops.multiply(gradient, rate_1)),
+                ops.add(ops.multiply(v, 1.0 - rate_2), ops.multiply(ops.square(gradient), rate_2)),
+            )
+
+        new_m, new_v = moments(rate_1, rate_2)
         alpha = lr * ops.sqrt(1.0 - beta_2_power) / (1.0 - beta_1_power)
         step = ops.divide(ops.multiply(new_m, alpha), ops.add(ops.sqrt(new_v), self.epsilon))
         weights = self._maybe_decay(ops.subtract(weights, step), variable, lr)
+        self.assign(variable, weights)
+        new_m, new_v = self._slots_after(weights, moments, (rate_1, rate_2), (new_m, new_v))
         self.assign(m, new_m)
         self.assign(v, new_v)
-        self.assign(variable, weights)
 
     def get_config(self) -> dict:
         config = super().get_config()

@@ -14,15 +14,24 @@ where ``d`` is the flavour's direction slot (SGD momentum, resp. Adam's raw firs
    ``s_new = rho_t / ||d_new||`` over all variables at once and re-perturb
    ``w~ = w - s_new * d_new``.
 
-A step whose gradients are not all finite is skipped without a conditional where it
-can be (`keras_sam.backend.apply_gated`): the gradients are zeroed and the flag, as a
-float ``gate`` of 1 or 0, turns every coefficient of the step into the identity
-(:meth:`MomentumPerturbationOptimizer._gated`), so the weights, slots and scalars
-are written back bit for bit and the step counter is restored. Under XLA a
-conditional around the update kept copies of its operands (Momentum-SAM's step
-peaked two parameter copies higher). With ``use_ema``, gradient accumulation or
-variables overwritten by their gradient (state written outside ``update_step``) the
-step runs inside `keras_sam.backend.apply_if_finite`'s conditional instead.
+A non-finite gradient never reaches the weights, and is checked without a conditional
+(`keras_sam.backend.apply_gated`): each variable whose gradient is not all finite keeps
+its clean weights and its slots (its gradient zeroed and, through
+:meth:`MomentumPerturbationOptimizer._gated`, its step size 0 and its decay factors 1);
+it is re-perturbed with the others, and the step counter is restored when any gradient
+was not finite. A NaN loss (every gradient NaN) thus leaves the optimizer's state as it
+was and the perturbed weights within rounding of where they were. The check is per
+variable so that no update waits for every gradient: a step skipped as a whole must
+hold all of them until the last is known (measured: +0.56 parameter copies under XLA,
+and a conditional around the update kept copies of its operands, +2). With ``use_ema``,
+gradient accumulation or variables overwritten by their gradient (state written outside
+``update_step``) the whole step runs inside `keras_sam.backend.apply_if_finite`'s
+conditional instead.
+
+The re-perturbation's scale is made to depend on the updated weights
+(`keras_sam.backend.sequenced`), so XLA writes step 1 in place before step 2 instead of
+fusing both into one loop that needs the old and the new direction at once (a copy of
+every direction slot).
 
 The *applied* scale ``s`` is stored in the ``perturbation_scale`` slot, so the removal takes away
 exactly what was added even when ``rho`` follows a schedule (the authors' SGD code recomputes it
@@ -41,14 +50,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
 from keras import ops
 
 from keras_sam import backend, internals
-from keras_sam.ops import all_finite, global_norm, safe_ratio
+from keras_sam.ops import all_finite, global_norm, is_finite, safe_ratio
 from keras_sam.rho import RhoLike, deserialize_rho, rho_at, serialize_rho, validate_rho
 from keras_sam.validation import check_real
 
@@ -95,9 +104,9 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         Computational Overhead. [arXiv:2401.12033](https://arxiv.org/abs/2401.12033)
     """
 
-    #: The step's float gate (1 taken, 0 skipped) while a gated step is traced; ``None``
-    #: otherwise (see the module docstring).
-    _gate: Any = None
+    #: True while a step that checks each variable's gradient is traced (see the
+    #: module docstring); False inside `apply_if_finite`'s conditional.
+    _gating: bool = False
 
     def __init__(self, learning_rate: Any, rho: RhoLike, **kwargs: Any) -> None:
         rho = validate_rho(rho, "rho")
@@ -161,18 +170,41 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
 
     def _unperturbed(self, variable: Any, direction: Any) -> Any:
         """The clean weights ``w~ + s * d`` of ``variable`` (to be used inside update_step)."""
-        scale = self._gated(self._applied_scale(variable.dtype), 0.0)
-        return ops.add(variable, ops.multiply(scale, direction))
+        return ops.add(variable, ops.multiply(self._applied_scale(variable.dtype), direction))
 
-    def _gated(self, value: Any, skipped: Any) -> Any:
-        """``value`` on a taken step, ``skipped`` on a skipped one (exactly: the other
-        term is multiplied by 0). A flavour passes each coefficient of its update
-        through this with the value that leaves its state unchanged: 0 for a step
-        size or a rate, 1 for a decay factor."""
-        if self._gate is None:
+    def _checked(self, gradient: Any) -> tuple[Any, Any]:
+        """``(gradient, gate)``: the gradient zeroed unless it is all finite, and that
+        flag as a 1 or 0 of its dtype; ``(gradient, None)`` when the step is known
+        to be finite (inside `apply_if_finite`)."""
+        if not self._gating:
+            return gradient, None
+        finite = is_finite(gradient)
+        gradient = ops.where(finite, gradient, ops.zeros_like(gradient))
+        return gradient, ops.cast(finite, gradient.dtype)
+
+    def _gated(self, value: Any, skipped: Any, gate: Any) -> Any:
+        """``value`` where ``gate`` is 1, ``skipped`` where it is 0 (exactly: the
+        other term is multiplied by 0); ``value`` when ``gate`` is None. A flavour
+        passes each coefficient of a variable's update through this with the value
+        that leaves the variable unchanged: 0 for a step size or a rate, 1 for a
+        decay factor."""
+        if gate is None:
             return value
-        gate = ops.cast(self._gate, ops.convert_to_tensor(value).dtype)
+        gate = ops.cast(gate, ops.convert_to_tensor(value).dtype)
         return ops.add(ops.multiply(value, gate), ops.multiply(skipped, 1.0 - gate))
+
+    def _slots_after(
+        self, weights: Any, slots_from: Callable[..., Any], coefficients: tuple, slots: Any
+    ) -> Any:
+        """The new slot values ``slots = slots_from(*coefficients)``, recomputed under
+        XLA from coefficients made to depend on the new ``weights``
+        (`keras_sam.backend.sequenced`), so that the weights, computed from the old
+        slots, are written first and the slots then in place (otherwise XLA keeps a
+        copy of each old slot for the weights); ``slots`` as they are elsewhere."""
+        after = tuple(backend.sequenced(c, [weights]) for c in coefficients)
+        if all(a is c for a, c in zip(after, coefficients)):
+            return slots
+        return slots_from(*after)
 
     def _maybe_decay(self, weights: Any, variable: Any, learning_rate: Any) -> Any:
         """Decoupled weight decay ``w - lr * wd * w`` applied to the clean weights."""
@@ -188,11 +220,11 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ the step
     def apply(self, grads: Any, trainable_variables: Any = None) -> Any:
-        """One step; a step whose gradients are not all finite is skipped entirely.
+        """One step; no NaN or inf in a gradient ever reaches the weights.
 
-        NaN or inf in any gradient leaves weights, slots and the step counter as
-        they were (the check agrees across replicas), so no NaN ever reaches the
-        weights, with or without `LossScaleOptimizer`.
+        A variable whose gradient is not all finite keeps its clean weights and
+        slots, and the step is not counted (the check agrees across replicas); with
+        ``use_ema`` or gradient accumulation such a step is skipped entirely.
         """
         grads = list(grads)
         if not grads:
@@ -214,14 +246,13 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         )
 
     def _apply_gated(self, grads: list, trainable_variables: Any, gate: Any) -> None:
-        self._gate = gate
+        self._gating = True
         try:
             self._apply_finite(grads, trainable_variables)
-            if gate is not None:  # the base `apply` counted the step: take it back
-                counter = internals.iterations_variable(self)
-                counter.assign_sub(ops.cast(1.0 - gate, counter.dtype))
         finally:
-            self._gate = None
+            self._gating = False
+        counter = internals.iterations_variable(self)  # the base `apply` counted the step
+        counter.assign_sub(ops.cast(1.0 - gate, counter.dtype))
 
     def _apply_finite(self, grads: list, trainable_variables: Any) -> None:
         self._maybe_warn_missing_callback()
@@ -266,14 +297,15 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         self, triples: list, rho_t: Any, update_mask: Any, distribution: Any
     ) -> None:
         new_scale = safe_ratio(rho_t, global_norm([direction for _, direction, _ in triples]))
+        new_scale = backend.sequenced(new_scale, [variable for variable, _, _ in triples])
         old_scale = ops.convert_to_tensor(self._perturbation_scale)
         old_flag = ops.convert_to_tensor(self._is_perturbed)
         old_applied = ops.multiply(old_flag, old_scale)
         if update_mask is None:
-            scale_for_grad = self._gated(new_scale, 0.0)
-            scale_delta = self._gated(ops.subtract(new_scale, old_applied), 0.0)
-            stored_scale = self._gated(new_scale, old_scale)
-            stored_flag = self._gated(ops.ones_like(old_flag), old_flag)
+            scale_for_grad = new_scale
+            scale_delta = ops.subtract(new_scale, old_applied)
+            stored_scale = new_scale
+            stored_flag = ops.ones_like(old_flag)
         else:
             keep = ops.subtract(1.0, update_mask)
             scale_for_grad = ops.multiply(update_mask, new_scale)

@@ -141,15 +141,20 @@ class MSAM(MomentumPerturbationOptimizer):
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """Clean weights, decoupled decay, momentum and SGD step for one variable."""
-        lr = self._gated(ops.cast(learning_rate, variable.dtype), 0.0)
-        momentum = self._gated(ops.cast(self.momentum, variable.dtype), 1.0)
-        gradient = ops.cast(ops.convert_to_tensor(gradient), variable.dtype)
+        gradient, gate = self._checked(ops.cast(ops.convert_to_tensor(gradient), variable.dtype))
+        lr = self._gated(ops.cast(learning_rate, variable.dtype), 0.0, gate)
+        momentum = self._gated(ops.cast(self.momentum, variable.dtype), 1.0, gate)
         v = self.momentums[internals.variable_index(self, variable)]
         weights = self._unperturbed(variable, v)
         weights = self._maybe_decay(weights, variable, lr)
-        new_v = ops.add(ops.multiply(v, momentum), gradient)
-        self.assign(v, new_v)
-        self.assign(variable, ops.subtract(weights, ops.multiply(lr, new_v)))
+
+        def velocity(momentum: Any) -> Any:
+            return ops.add(ops.multiply(v, momentum), gradient)
+
+        new_v = velocity(momentum)
+        weights = ops.subtract(weights, ops.multiply(lr, new_v))
+        self.assign(variable, weights)
+        self.assign(v, self._slots_after(weights, velocity, (momentum,), new_v))
 
     def get_config(self) -> dict:
         config = super().get_config()

@@ -5,8 +5,11 @@ import ast
 import inspect
 import pathlib
 
+import keras
+import numpy as np
 import pytest
 
+from keras_sam import backend
 from keras_sam.backend import interface
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "keras_sam"
@@ -101,3 +104,10 @@ def test_the_package_exports_exactly_the_interface():
 
     exported = set(backend.__all__) - {"FUNCTIONS", "SUPPORTED_BACKENDS", "check_supported"}
     assert exported == {*interface.FUNCTIONS, "loss_scale"}
+
+
+def test_sequenced_leaves_the_value_as_it_is():
+    """The dependency it adds is 0 for every number, infinities included."""
+    tensors = [np.array([[np.inf, 1.0]], "float32"), np.array([-3.0], "float32"), np.zeros((0,))]
+    value = backend.sequenced(keras.ops.convert_to_tensor(0.25), tensors)
+    assert float(keras.ops.convert_to_numpy(value)) == 0.25

@@ -73,6 +73,7 @@ from keras_sam.backend.common import (
     cross_replica_call,
     is_multi_worker,
     loss_scale,
+    sequenced,
     update_variable,
     xla_compiled,
 )
@@ -87,6 +88,7 @@ __all__ = [  # the shared pieces of the interface, re-exported
     "cross_replica_call",
     "is_multi_worker",
     "loss_scale",
+    "sequenced",
     "update_variable",
     "xla_compiled",
 ]
@@ -277,17 +279,12 @@ allocator_probe = common.no_allocator_probe
 
 
 def apply_gated(apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
-    """``apply_fn(grads, variables, gate)``: the flag as a float32 gate and the
-    gradients zeroed where it is 0, with no `jax.lax.cond` (whose branch operands XLA
-    keeps beside its results). In a per-device step, ``apply_fn`` gets the gradients
-    summed over the devices and a flag agreed on every device
-    (`jax_replicas.reduced_update`)."""
+    """``apply_fn(grads, variables, gate)``: the flag as a float32 gate, with no
+    `jax.lax.cond` (whose branch operands XLA keeps beside its results). In a
+    per-device step, ``apply_fn`` gets the gradients summed over the devices and a
+    flag agreed on every device (`jax_replicas.reduced_update`)."""
     with jax_replicas.reduced_update(list(grads), finite) as (grads, finite):
-        finite = jax.numpy.asarray(finite)
-        grads = [
-            None if g is None else jax.numpy.where(finite, g, 0).astype(g.dtype) for g in grads
-        ]
-        apply_fn(grads, variables, finite.astype("float32"))
+        apply_fn(grads, variables, jax.numpy.asarray(finite).astype("float32"))
 
 
 def apply_gradients(optimizer: Any, grads: list, variables: Sequence[Any]) -> None:

@@ -29,6 +29,7 @@ from keras_sam.backend.common import (
     check_jit_compile,
     dispatched_train_function,
     loss_scale,
+    sequenced,
     stateful_train_step,
 )
 from keras_sam.backend.interface import Tensor
@@ -40,6 +41,7 @@ __all__ = [  # re-exported
     "compiles_inside_step",
     "dispatched_train_function",
     "loss_scale",
+    "sequenced",
     "stateful_train_step",
     "xla_compiled",
 ]
@@ -109,15 +111,13 @@ def allocator_probe() -> tuple[Any, Any]:
 
 def apply_gated(apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
     """``apply_fn(grads, variables, gate)``: the flag agreed on every replica (an
-    all-reduce in replica context, no `merge_call`) as a float32 gate, and the
-    gradients zeroed where it is 0. No conditional: XLA copies the operands of one
-    whose branch writes the weights (Momentum-SAM's step peaked two parameter copies
-    higher that way)."""
+    all-reduce in replica context, no `merge_call`) as a float32 gate. No
+    conditional: XLA copies the operands of one whose branch writes the weights
+    (Momentum-SAM's step peaked two parameter copies higher that way)."""
     context = tf.distribute.get_replica_context()
     if context is not None and context.num_replicas_in_sync > 1:
         failures = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, "float32"))
         finite = failures < 0.5
-    grads = [None if g is None else tf.where(finite, g, tf.zeros_like(g)) for g in grads]
     apply_fn(grads, variables, tf.cast(finite, "float32"))
 
 

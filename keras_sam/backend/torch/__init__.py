@@ -116,7 +116,8 @@ def allocator_probe() -> tuple[Any, Any]:
 
 
 apply_if_finite = common.apply_if_finite_on_host
-apply_gated = common.apply_gated_on_host
+apply_gated = common.apply_gated
+sequenced = common.unsequenced
 
 
 def apply_gradients(optimizer: Any, grads: list, variables: Sequence[Any]) -> None:

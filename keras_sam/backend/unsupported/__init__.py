@@ -25,7 +25,8 @@ from keras_sam.backend.common import (
 )
 
 apply_if_finite = common.apply_if_finite_on_host
-apply_gated = common.apply_gated_on_host
+apply_gated = common.apply_gated
+sequenced = common.unsequenced
 allocator_probe = common.no_allocator_probe
 
 
