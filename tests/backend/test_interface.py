@@ -111,3 +111,8 @@ def test_sequenced_leaves_the_value_as_it_is():
     tensors = [np.array([[np.inf, 1.0]], "float32"), np.array([-3.0], "float32"), np.zeros((0,))]
     value = backend.sequenced(keras.ops.convert_to_tensor(0.25), tensors)
     assert float(keras.ops.convert_to_numpy(value)) == 0.25
+
+
+def test_sequenced_adds_nothing_to_an_eager_step():
+    value = keras.ops.convert_to_tensor(0.25)
+    assert backend.sequenced(value, [keras.ops.ones((2,))]) is value

@@ -73,7 +73,6 @@ from keras_sam.backend.common import (
     cross_replica_call,
     is_multi_worker,
     loss_scale,
-    sequenced,
     update_variable,
     xla_compiled,
 )
@@ -88,7 +87,6 @@ __all__ = [  # the shared pieces of the interface, re-exported
     "cross_replica_call",
     "is_multi_worker",
     "loss_scale",
-    "sequenced",
     "update_variable",
     "xla_compiled",
 ]
@@ -276,6 +274,14 @@ def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) 
 
 
 allocator_probe = common.no_allocator_probe
+
+
+def sequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """`common.sequenced` inside `jax.jit` (traced values); ``value`` in an eager
+    step, whose operations run as they are written."""
+    if not any(isinstance(t, jax.core.Tracer) for t in [value, *tensors]):
+        return value
+    return common.sequenced(value, tensors)
 
 
 def apply_gated(apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:

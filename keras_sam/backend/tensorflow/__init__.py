@@ -29,7 +29,6 @@ from keras_sam.backend.common import (
     check_jit_compile,
     dispatched_train_function,
     loss_scale,
-    sequenced,
     stateful_train_step,
 )
 from keras_sam.backend.interface import Tensor
@@ -41,7 +40,6 @@ __all__ = [  # re-exported
     "compiles_inside_step",
     "dispatched_train_function",
     "loss_scale",
-    "sequenced",
     "stateful_train_step",
     "xla_compiled",
 ]
@@ -107,6 +105,25 @@ def allocator_probe() -> tuple[Any, Any]:
         return tf.config.experimental.get_memory_info(device)["current"]
 
     return reset, lambda: tf.config.experimental.get_memory_info(device)["peak"]
+
+
+try:  # TensorFlow's own test, as `tf.function(jit_compile=True)` sets it while tracing
+    from tensorflow.python.ops import control_flow_util
+
+    _traced_for_xla = control_flow_util.GraphOrParentsInXlaContext
+except ImportError:  # pragma: no cover - a TensorFlow without it: sequence everywhere
+
+    def _traced_for_xla(graph: Any) -> bool:
+        return True
+
+
+def sequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """`common.sequenced` while a step is traced for XLA (``jit_compile=True``);
+    ``value`` elsewhere: TensorFlow's executor runs the ops as they are written, and
+    the recomputation the sequencing asks for would only add work."""
+    if not _traced_for_xla(tf.compat.v1.get_default_graph()):
+        return value
+    return common.sequenced(value, tensors)
 
 
 def apply_gated(apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
