@@ -117,14 +117,14 @@ def all_finite(tensors: Sequence[Tensor | None]) -> Tensor:
 
 
 def is_finite(tensor: Tensor) -> Tensor:
-    """True when every entry of ``tensor`` is finite, read as ``isfinite(sum(tensor))``
-    (a NaN or an infinity makes the sum NaN or infinite; so does a sum past the
-    dtype's largest value, which this counts as not finite).
+    """True when every entry of ``tensor`` is finite, read from the float32 sum of its
+    entries (a NaN or an infinity makes the sum NaN or infinite; so does a sum past
+    float32's largest value, which this counts as not finite).
 
-    XLA on a CPU reduces a large tensor through a tree of partial reductions whose
-    input is materialized: ``all(isfinite(t))`` kept a boolean copy of every
-    gradient (a quarter of a parameter copy) and delayed the updates that wait for
-    it; the sum reads the tensor in place.
+    The sum is taken as dot products of the rows with ones, which read the tensor in
+    place, as the norms do: XLA on a CPU reduced ``all(isfinite(t))`` through a tree
+    of partial reductions whose boolean input it materialized (a quarter of a
+    parameter copy per gradient, and updates delayed until it was done).
 
     Examples:
         >>> from keras import ops

@@ -22,16 +22,18 @@ it is re-perturbed with the others, and the step counter is restored when any gr
 was not finite. A NaN loss (every gradient NaN) thus leaves the optimizer's state as it
 was and the perturbed weights within rounding of where they were. The check is per
 variable so that no update waits for every gradient: a step skipped as a whole must
-hold all of them until the last is known (measured: +0.56 parameter copies under XLA,
-and a conditional around the update kept copies of its operands, +2). With ``use_ema``,
+hold all of them until the last is checked, and a conditional around the update kept
+copies of its operands under XLA (two parameter copies). With ``use_ema``,
 gradient accumulation or variables overwritten by their gradient (state written outside
 ``update_step``) the whole step runs inside `keras_sam.backend.apply_if_finite`'s
 conditional instead.
 
-The re-perturbation's scale is made to depend on the updated weights
-(`keras_sam.backend.sequenced`), so XLA writes step 1 in place before step 2 instead of
-fusing both into one loop that needs the old and the new direction at once (a copy of
-every direction slot).
+Under XLA the step is written in place (`keras_sam.backend.sequenced`, a data
+dependency that orders two computations): a flavour computes the new weights from the
+old slots and writes the slots after them (:meth:`MomentumPerturbationOptimizer._slots_after`),
+and the re-perturbation's scale depends on the written weights, so XLA neither keeps a
+copy of each old slot for the weights nor fuses steps 1 and 2 into one loop that needs
+the old and the new direction at once.
 
 The *applied* scale ``s`` is stored in the ``perturbation_scale`` slot, so the removal takes away
 exactly what was added even when ``rho`` follows a schedule (the authors' SGD code recomputes it
