@@ -39,9 +39,9 @@ def sequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     of every new direction) is written in place part by part, instead of fused
     into one loop that needs the inputs of both (a copy of every momentum slot).
     """
+    dtype = ops.convert_to_tensor(value).dtype
     for tensor in tensors:
-        first = ops.reshape(ops.convert_to_tensor(tensor), (-1,))[:1]
-        first = ops.cast(first, ops.convert_to_tensor(value).dtype)
+        first = ops.cast(ops.reshape(ops.convert_to_tensor(tensor), (-1,))[:1], dtype)
         value = ops.add(value, ops.sum(ops.minimum(ops.abs(first), 0.0)))
     return value
 

@@ -76,7 +76,8 @@ class Backend(Protocol):
 
     def sequenced(self, value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
         """``value``, computed only once every tensor of ``tensors`` is: under XLA
-        those are then materialized, not fused into ``value``'s consumers."""
+        those are then materialized, not fused into ``value``'s consumers. Where no
+        step is traced for XLA, ``value`` itself (the same object)."""
 
     def allocator_probe(self) -> tuple[Any, Any]:
         """``(reset, read_peak)`` for the backend's allocator on the training device:
