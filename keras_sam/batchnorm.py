@@ -22,12 +22,12 @@ sums above, ∂/∂x_i of a chosen sample's term is taken n / n_S times, so
 ∂μ/∂x_i = 1/n_S (the whole batch's BatchNorm gives 1/n to every one of its n
 elements, and the others' sums depend on the weights too). Holding the others'
 sums constant instead keeps only n_S / n of the statistics' gradient, the part
-that keeps BatchNorm's gradient centred; on the digits CNN of
-``python -m benchmarks.ksam_batchnorm`` (batch 64, 3 seeds) K-SAM with k = 16
-reached 34 % test accuracy that way and 90 % with the estimate, SGD 98 % (this
-estimate is our choice; the paper does not discuss BatchNorm). With S = B
-(k = |B|) both are exactly the batch's own statistics and gradients, so K-SAM
-with k = |B| is SAM and, with ρ = 0, the base optimizer. The shift keeps
+that keeps BatchNorm's gradient centred; on a pooled digits CNN (the demo's former
+CNN; batch 64, 3 seeds) K-SAM with k = 16 reached 34 % test accuracy that way and
+90 % with the estimate, SGD 98 % (this estimate is our choice; the paper does not
+discuss BatchNorm). With S = B (k = |B|) both are exactly the batch's own
+statistics and gradients, so K-SAM with k = |B| is SAM and, with ρ = 0, the base
+optimizer. The shift keeps
 E[x²] − μ² free of cancellation.
 """
 

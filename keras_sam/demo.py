@@ -6,7 +6,7 @@
 
 By default SAM, ASAM and the three papers' cheap methods; any method of
 `keras_sam.registry` with `--methods`. Every run uses the same CNN (with
-BatchNorm), seed and cosine learning-rate decay.
+BatchNorm), seed and learning rate (one epoch of warm-up, then a cosine decay).
 Prints Keras progress bars, then a table: test accuracy, median step time as a
 ratio to the base optimizer (measured in this process), and the most memory a
 training step allocated, beside its base optimizer's (see `StepMemory`).
@@ -32,6 +32,10 @@ SGD_LR = 0.05
 ADAM_LR = 3e-3
 #: Peak learning rate per base optimizer (a cosine decay follows).
 PEAK_LR = {"sgd": SGD_LR, "adamw": ADAM_LR}
+#: Epochs of linear learning-rate warm-up before the cosine decay. K-SAM's first
+#: steps, on the few hardest samples of each batch, otherwise switch off some of the
+#: hidden ReLU units for good on some seeds (``python -m benchmarks.ksam_batchnorm``).
+WARMUP_EPOCHS = 1
 #: The methods the demo runs unless told otherwise: SAM, ASAM and the three papers'
 #: cheap methods (the zoo's are one ``--methods`` away).
 DEFAULT_METHODS = ("sam", "asam", "ksam", "layerwise", "msam", "adamw-msam")
@@ -43,7 +47,7 @@ def _label(name: str) -> str:
     if name in registry.BASES:
         return f"{registry.BASES[name].title} (base)"
     entry = registry.METHODS[name]
-    text = entry.describe(**entry.demo)
+    text = entry.describe()
     return f"{entry.title} rho={entry.rho:g}" + (f", {text}" if text else "")
 
 
@@ -55,7 +59,7 @@ def _build(name: str, model: keras.Model, learning_rate: Any) -> tuple:
     if name in registry.BASES:
         return model, registry.BASES[name].make(learning_rate)
     entry = registry.METHODS[name]
-    return entry.build(model, learning_rate, **entry.demo)
+    return entry.build(model, learning_rate)
 
 
 def _callbacks(name: str, data: Any) -> list:
@@ -98,7 +102,12 @@ def load_tfds(name: str) -> tuple:
 
 
 def build_model(input_shape: Sequence[int], num_classes: int, seed: int) -> keras.Model:
-    """A small CNN with BatchNormalization (so BN handling matters)."""
+    """A small CNN with BatchNormalization after every hidden layer (so BN handling
+    matters): two 3×3 convolutions, a dense hidden layer, a linear classifier.
+
+    The hidden dense layer is normalized too: without it, the few hardest samples'
+    gradients that K-SAM steps on switch off most of that layer's ReLU units in the
+    first epoch (``python -m benchmarks.ksam_batchnorm`` compares both)."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input(tuple(input_shape))
     h = inputs
@@ -106,10 +115,26 @@ def build_model(input_shape: Sequence[int], num_classes: int, seed: int) -> kera
         h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
         h = keras.layers.BatchNormalization(momentum=0.9)(h)
         h = keras.layers.ReLU()(h)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    h = keras.layers.Dense(64, activation="relu")(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(64, use_bias=False)(h)
+    h = keras.layers.BatchNormalization(momentum=0.9)(h)
+    h = keras.layers.ReLU()(h)
     outputs = keras.layers.Dense(num_classes)(h)
     return keras.Model(inputs, outputs, name="digits_cnn")
+
+
+def learning_rate(
+    peak: float, epochs: int, steps_per_epoch: int, warmup_epochs: int = WARMUP_EPOCHS
+) -> keras.optimizers.schedules.LearningRateSchedule:
+    """The demo's schedule: a linear warm-up from 0 to ``peak`` over ``warmup_epochs``
+    (none when training is not longer than that), then a cosine decay to 0."""
+    warmup = steps_per_epoch * warmup_epochs if epochs > warmup_epochs else 0
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else peak,
+        decay_steps=epochs * steps_per_epoch - warmup,
+        warmup_target=peak if warmup else None,
+        warmup_steps=warmup,
+    )
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -167,9 +192,9 @@ class StepMemory(keras.callbacks.Callback):
 def run_method(name: str, data: tuple, args: argparse.Namespace, verbose: int) -> dict:
     (x_train, y_train), (x_test, y_test), num_classes = data
     model = build_model(x_train.shape[1:], num_classes, args.seed)
-    steps = args.epochs * int(np.ceil(len(x_train) / args.batch_size))
-    cosine = keras.optimizers.schedules.CosineDecay(PEAK_LR[_base(name)], decay_steps=steps)
-    trainer, optimizer = _build(name, model, cosine)
+    steps_per_epoch = int(np.ceil(len(x_train) / args.batch_size))
+    schedule = learning_rate(PEAK_LR[_base(name)], args.epochs, steps_per_epoch)
+    trainer, optimizer = _build(name, model, schedule)
     trainer.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -194,7 +219,7 @@ def run_method(name: str, data: tuple, args: argparse.Namespace, verbose: int) -
         "base": _base(name),
         "accuracy": test_accuracy,
         "step_time": float(np.median(timer.times)) if timer.times else float("nan"),
-        "steps_per_epoch": int(np.ceil(len(x_train) / args.batch_size)),
+        "steps_per_epoch": steps_per_epoch,
         "peak_bytes": memory.peak_bytes,
         "history": history.history,
     }

@@ -113,8 +113,6 @@ class Method:
     #: Arguments that define the method in terms of its class (SAM-ON is `SAM` with
     #: ``perturb="normalization"``); `get` and `build` always pass them.
     preset: Mapping[str, Any] = dataclasses.field(default_factory=_frozen)
-    #: Overrides the demo applies on its BatchNorm CNN (K-SAM's κ; see the docs).
-    demo: Mapping[str, Any] = dataclasses.field(default_factory=_frozen)
     #: Hyperparameters the shared contract suite uses, so that ρ = 0 equals the base
     #: optimizer and every code path runs on its tiny models; ``None``: the entry is an
     #: option of another entry's class, run by the suite through that entry.
@@ -188,7 +186,6 @@ def _method(
     base: str = "sgd",
     hyperparameters: Mapping[str, Any] | None = None,
     preset: Mapping[str, Any] | None = None,
-    demo: Mapping[str, Any] | None = None,
     contract: Mapping[str, Any] | None = _frozen(),
 ) -> Method:
     return Method(
@@ -204,7 +201,6 @@ def _method(
         reference=reference,
         page=page,
         preset=_frozen(preset),
-        demo=_frozen(demo),
         contract=None if contract is None else _frozen(contract),
     )
 
@@ -235,8 +231,7 @@ _METHODS = [
     ),
     _method(
         # k = 1.0 in the contract suite: the whole batch, so that ρ = 0 equals the base
-        # optimizer; tests/models/test_ksam.py covers k < 1. The demo's BatchNorm CNN
-        # does not train at k <= 0.25 (docs/concepts/methods.md): k = 0.5 there.
+        # optimizer; tests/models/test_ksam.py covers k < 1.
         "ksam",
         "K-SAM",
         KSAM,
@@ -245,7 +240,6 @@ _METHODS = [
         cost="1/3 + 2k",
         memory="1",
         hyperparameters={"k": 0.25},
-        demo={"k": 0.5},
         contract={"k": 1.0},
         reference="Ni et al., 2022 (arXiv:2210.12864)",
         page="api/wrappers.md",

@@ -29,7 +29,7 @@ def test_demo_trains_and_prints_the_table(tmp_path, capsys, caplog):
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["step_time"] > 0
         assert r["peak_bytes"] > 0  # TensorFlow's allocator reports a step's memory
-    # K-SAM (k = 0.5 in the demo) runs its backward passes on half the batch, and a
+    # K-SAM (k = 0.25 in the demo) runs its backward passes on a quarter of the batch, and a
     # step of this CNN is mostly activations: it allocates less than its base.
     by_name = {r["name"]: r for r in results}
     assert by_name["ksam"]["peak_bytes"] < by_name["sgd"]["peak_bytes"]

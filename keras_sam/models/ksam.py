@@ -43,6 +43,15 @@ class KSAM(SharpnessAwareTrainer):
     Cost, counting a backward as two forwards: F + 6Fκ against SGD's 3F and SAM's
     6F (κ = k/|B|), so ≈ 1/3 + 2κ times the base optimizer.
 
+    **Normalize every hidden layer, warm up.** The step on the few hardest samples
+    (averaged over k, not |B|) is larger and more one-sided than the batch mean's;
+    in a hidden ReLU layer without normalization it switches most units off for
+    good in the first epoch. On digits with batch 64 (``python -m
+    benchmarks.ksam_batchnorm``, 5 seeds) κ = 0.1 reached 98.8 % test accuracy on
+    the demo's CNN (BatchNorm after every hidden layer, one warm-up epoch) against
+    SGD's 99.4 % and SAM's 99.3 %, and 16 % on a CNN whose dense hidden layer had
+    no BatchNorm (91 % of its units dead; SGD 97.5 %).
+
     **Not for noisy labels.** The highest-loss samples of a batch with noisy
     labels are mostly the mislabelled ones, and both gradients are taken on
     them. Measured (``python -m benchmarks.generalization``: an MLP on digits
