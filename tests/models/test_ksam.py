@@ -13,6 +13,7 @@ from tests.helpers import (
     classification_data,
     keras_mlp,
     logits_loss,
+    mirrored_strategy,
 )
 
 # One input feature, a bias-free unit kernel and y = 0: sample i's loss is (w·x_i)²,
@@ -158,3 +159,50 @@ def test_default_k_trains_the_demo_batchnorm_cnn():
     assert demo.accuracy(model, x_test, y_test) > 0.9
     hidden = keras.Model(model.input, model.layers[-2].output)(x_train, training=False)
     assert np.mean(np.all(keras.ops.convert_to_numpy(hidden) <= 0, axis=0)) < 0.1
+
+
+def _bn_head_model():
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(5, use_bias=False)(inputs)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.ReLU()(h)
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(h))
+
+
+def _expected_output_kernel(model, x, y, k, lr, shards):
+    """SGD's step of the output kernel at ρ = 0, by hand: per shard (replica), the
+    features of a training-mode pass over the whole shard, the top-k samples by loss,
+    (1/k) Σ h_iᵀ (softmax(z_i) − onehot(y_i)); the replicas' gradients averaged."""
+    features = keras.Model(model.input, model.layers[-2].output)
+    kernel = model.get_layer("out").kernel.numpy()
+    grads = []
+    for xs, ys in zip(np.split(x, shards), np.split(y, shards)):
+        h = np.asarray(features(xs, training=True), "float64")
+        z = h @ kernel + model.get_layer("out").bias.numpy()
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        losses = -np.log(p[np.arange(len(ys)), ys])
+        top = np.argsort(-losses)[:k]
+        residual = p[top] - np.eye(3)[ys[top]]
+        grads.append(h[top].T @ residual / k)
+    return kernel - lr * np.mean(grads, axis=0)
+
+
+@pytest.mark.tf_only
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_subset_passes_see_each_replicas_whole_shard_statistics(jit_compile):
+    """Under MirroredStrategy (2 replicas, compiled or not) each replica ranks its
+    shard and its k-sample pass normalizes with the whole shard's BatchNorm
+    statistics: the output layer's step equals the hand-computed one. Normalizing
+    the chosen samples among themselves gives other features (and fails this)."""
+    x, y = classification_data(n=16, n_in=6)
+    expected = _expected_output_kernel(_bn_head_model(), x, y, k=2, lr=0.5, shards=2)
+    with mirrored_strategy().scope():
+        trainer = keras_sam.KSAM(_bn_head_model(), rho=0.0, k=0.25)
+        trainer.compile(optimizer=keras.optimizers.SGD(0.5), loss=logits_loss(),
+                        jit_compile=jit_compile)
+    trainer.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    np.testing.assert_allclose(
+        trainer.model.get_layer("out").kernel.value.values[0].numpy(), expected, atol=1e-5
+    )
