@@ -28,7 +28,10 @@ CNN; batch 64, 3 seeds) K-SAM with k = 16 reached 34 % test accuracy that way an
 discuss BatchNorm). With S = B (k = |B|) both are exactly the batch's own
 statistics and gradients, so K-SAM with k = |B| is SAM and, with ρ = 0, the base
 optimizer. The shift keeps
-E[x²] − μ² free of cancellation.
+E[x²] − μ² free of cancellation. Under tf.distribute each replica ranks and replays
+its own shard; for a ``BatchNormalization(synchronized=True)`` layer the sums and
+counts are summed over the replicas, so the statistics are the global batch's, as
+the layer's own.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_sam import internals
+from keras_sam import backend, internals
 
 _recording = threading.local()  # per thread: MirroredStrategy runs replicas in threads
 
@@ -115,8 +118,12 @@ def replay(model: keras.Model, statistics: list) -> Iterator[None]:
         count = rest_count + live_count
         # The chosen samples stand for the whole batch in the statistics' gradient.
         s1, s2 = (_with_gradient_scaled(s, count / live_count) for s in (s1, s2))
-        offset = (rest_1 + s1) / count
-        variance = (rest_2 + s2) / count - ops.square(offset)
+        totals = [rest_1 + s1, rest_2 + s2, ops.cast(count, s1.dtype)]
+        if getattr(layer, "synchronized", False):  # the global batch's, as the layer's own
+            totals = backend.all_reduce_sum(totals)
+        sum_1, sum_2, count = totals
+        offset = sum_1 / count
+        variance = sum_2 / count - ops.square(offset)
         return shift + offset, ops.maximum(variance, 0.0)
 
     with internals.batchnorm_moments_replaced(model, moments):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -173,27 +174,58 @@ def read_model_weights(
 
 
 # --------------------------------------------------------------------------- BatchNorm
+_moments_overrides = threading.local()  # per thread: {id(layer): [moments, ...]}
+_moments_installed: dict[int, int] = {}  # id(layer): contexts holding the dispatcher
+_moments_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def batchnorm_moments_replaced(model: keras.Model, moments: Callable) -> Iterator[None]:
     """Inside, every BatchNormalization layer of ``model`` computes the batch moments
     it normalizes with (in training mode) as ``moments(layer, inputs, mask, default)``
     (``BatchNormalization._moments``; ``default(inputs, mask)`` is Keras' own).
+
+    The replacement holds for the calling thread only: MirroredStrategy runs its
+    replicas in threads that share the layers and take turns at each collective
+    (a synchronized BatchNorm's all-reduce), so one replica's context can open
+    while another's is still open on the same layers.
     """
     layers = [
         layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)
     ]
-
-    def replacement(layer: keras.layers.BatchNormalization) -> Callable:
-        default = functools.partial(type(layer)._moments, layer)
-        return lambda inputs, mask: moments(layer, inputs, mask, default)
-
-    for layer in layers:  # plain attributes: no Keras tracking, no state lock
-        object.__setattr__(layer, "_moments", replacement(layer))
+    stacks = _moments_overrides.__dict__.setdefault("stacks", {})
+    with _moments_lock:
+        for layer in layers:
+            _moments_installed[id(layer)] = _moments_installed.get(id(layer), 0) + 1
+            if _moments_installed[id(layer)] == 1:  # plain attribute: no Keras tracking
+                object.__setattr__(layer, "_moments", _moments_dispatcher(layer))
+    for layer in layers:
+        stacks.setdefault(id(layer), []).append(moments)
     try:
         yield
     finally:
         for layer in layers:
-            object.__delattr__(layer, "_moments")
+            stacks[id(layer)].pop()
+        with _moments_lock:
+            for layer in layers:
+                _moments_installed[id(layer)] -= 1
+                if _moments_installed[id(layer)] == 0:
+                    del _moments_installed[id(layer)]
+                    object.__delattr__(layer, "_moments")
+
+
+def _moments_dispatcher(layer: keras.layers.BatchNormalization) -> Callable:
+    """``layer._moments`` running the calling thread's innermost replacement, or
+    Keras' own on a thread with none."""
+    default = functools.partial(type(layer)._moments, layer)
+
+    def dispatch(inputs: Any, mask: Any) -> Any:
+        stack = getattr(_moments_overrides, "stacks", {}).get(id(layer))
+        if not stack:
+            return default(inputs, mask)
+        return stack[-1](layer, inputs, mask, default)
+
+    return dispatch
 
 
 def batchnorm_reduction_axes(layer: keras.layers.BatchNormalization) -> list[int]:

@@ -332,6 +332,28 @@ def test_mirrored_strategy_trains_with_identical_replicas(method, jit_compile):
 
 @pytest.mark.tf_only
 @wrappers
+def test_mirrored_xla_refuses_synchronized_batchnorm_at_compile(method):
+    """Under a multi-device MirroredStrategy, ``jit_compile=True`` compiles each pass
+    on its own; a synchronized BatchNorm's all-reduce cannot sit inside one, so
+    `compile` says so (TensorFlow's own error comes at the first step, from inside
+    the pass). Without XLA the same model trains, replicas identical."""
+    def model():
+        keras.utils.set_random_seed(1)
+        inputs = keras.Input((8,))
+        hidden = keras.layers.Dense(16, use_bias=False)(inputs)
+        hidden = keras.layers.BatchNormalization(synchronized=True, name="sync_bn")(hidden)
+        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.ReLU()(hidden)))
+
+    with mirrored_strategy().scope():
+        with pytest.raises(ValueError, match=r"jit_compile=True.*sync_bn"):
+            _compiled(method, model(), 0.25, True)
+        trainer = _compiled(method, model(), 0.25, False)
+    _fit(trainer)
+    _replicas_identical(trainer)
+
+
+@pytest.mark.tf_only
+@wrappers
 def test_global_scope_on_two_replicas_equals_one_device(method):
     single = method.trainer(plain_model(), 0.25)
     single.perturbation_scope = "global"

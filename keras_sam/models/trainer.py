@@ -231,11 +231,14 @@ class SharpnessAwareTrainer(ModelWrapper):
             ValueError: ``jit_compile=True`` on a backend that cannot compile the
                 step (PyTorch, see `keras_sam.backend.torch.check_jit_compile`); no
                 ``loss`` for a variant that ranks samples by their loss (the
-                ``add_loss`` terms of a model are not per sample).
+                ``add_loss`` terms of a model are not per sample);
+                ``jit_compile=True`` under a multi-device MirroredStrategy with a
+                ``BatchNormalization(synchronized=True)`` layer (its all-reduce cannot
+                sit inside the passes XLA compiles there).
         """
         super().compile(*args, **kwargs)
         name = type(self).__name__
-        backend.check_jit_compile(self.jit_compile, name)
+        self._check_jit_compile()
         if self.loss is None and self.ranks_samples_by_loss():
             raise ValueError(
                 f"{name} ranks the samples of a batch by their loss, so it needs `loss` in "
@@ -274,7 +277,7 @@ class SharpnessAwareTrainer(ModelWrapper):
         """
         if self.train_function is not None and not force:
             return self.train_function
-        backend.check_jit_compile(self.jit_compile, type(self).__name__)
+        self._check_jit_compile()
         self._require_state("make_train_function")
         inside = self._compiles_inside_step()
         self._ascent_step = backend.xla_compiled(self.ascent) if inside else self.ascent
@@ -373,6 +376,25 @@ class SharpnessAwareTrainer(ModelWrapper):
     def make_predict_function(self, force: bool = False) -> Any:
         with self._step_jit_off(self._compiles_inside_step()):
             return super().make_predict_function(force)
+
+    def _check_jit_compile(self) -> None:
+        """Raises `ValueError` where this wrapper cannot run with ``jit_compile``."""
+        backend.check_jit_compile(self.jit_compile, type(self).__name__)
+        if not self._compiles_inside_step():
+            return
+        synchronized = [
+            layer.name
+            for layer in internals.all_layers(self.model)
+            if getattr(layer, "synchronized", False)
+        ]
+        if synchronized:
+            raise ValueError(
+                "`jit_compile=True` under a multi-device MirroredStrategy compiles each "
+                "pass of the step on its own, and a `BatchNormalization(synchronized=True)` "
+                f"layer ({', '.join(synchronized)}) all-reduces inside the pass, which XLA "
+                "cannot compile there. Pass `jit_compile=False` (or leave it at 'auto'), "
+                "or use `synchronized=False`."
+            )
 
     def _compiles_inside_step(self) -> bool:
         return backend.compiles_inside_step(self.jit_compile, internals.distribute_strategy(self))

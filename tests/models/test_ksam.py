@@ -143,6 +143,7 @@ def test_default_k_trains_the_demo_batchnorm_cnn():
     above chance after 5 epochs, and the hidden dense layer keeps its ReLU units (the
     hardest samples' steps switched off ~90 % of them when that layer had no
     BatchNorm, and test accuracy stayed near 10 %; ``python -m benchmarks.ksam_batchnorm``)."""
+    pytest.importorskip("sklearn", reason="the demo's data (the `demo` extra)")
     from keras_sam import demo
 
     (x_train, y_train), (x_test, y_test), num_classes = demo.load_digits(0.0, seed=0)
@@ -161,24 +162,30 @@ def test_default_k_trains_the_demo_batchnorm_cnn():
     assert np.mean(np.all(keras.ops.convert_to_numpy(hidden) <= 0, axis=0)) < 0.1
 
 
-def _bn_head_model():
+def _bn_head_model(synchronized=False):
     keras.utils.set_random_seed(5)
     inputs = keras.Input((6,))
     h = keras.layers.Dense(5, use_bias=False)(inputs)
-    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.BatchNormalization(synchronized=synchronized)(h)
     h = keras.layers.ReLU()(h)
     return keras.Model(inputs, keras.layers.Dense(3, name="out")(h))
 
 
-def _expected_output_kernel(model, x, y, k, lr, shards):
+def _expected_output_kernel(model, x, y, k, lr, shards, global_statistics=False):
     """SGD's step of the output kernel at ρ = 0, by hand: per shard (replica), the
-    features of a training-mode pass over the whole shard, the top-k samples by loss,
+    features of a training-mode pass over the whole shard (``global_statistics``: over
+    the whole batch, then split), the top-k samples by loss,
     (1/k) Σ h_iᵀ (softmax(z_i) − onehot(y_i)); the replicas' gradients averaged."""
     features = keras.Model(model.input, model.layers[-2].output)
     kernel = model.get_layer("out").kernel.numpy()
+    if global_statistics:
+        shard_features = np.split(np.asarray(features(x, training=True), "float64"), shards)
+    else:
+        shard_features = [
+            np.asarray(features(xs, training=True), "float64") for xs in np.split(x, shards)
+        ]
     grads = []
-    for xs, ys in zip(np.split(x, shards), np.split(y, shards)):
-        h = np.asarray(features(xs, training=True), "float64")
+    for h, ys in zip(shard_features, np.split(y, shards)):
         z = h @ kernel + model.get_layer("out").bias.numpy()
         p = np.exp(z - z.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
@@ -190,19 +197,26 @@ def _expected_output_kernel(model, x, y, k, lr, shards):
 
 
 @pytest.mark.tf_only
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_subset_passes_see_each_replicas_whole_shard_statistics(jit_compile):
+@pytest.mark.parametrize(
+    "jit_compile, synchronized", [(False, False), (True, False), (False, True)]
+)
+def test_mirrored_subset_passes_normalize_with_the_ranked_samples_statistics(
+    jit_compile, synchronized
+):
     """Under MirroredStrategy (2 replicas, compiled or not) each replica ranks its
     shard and its k-sample pass normalizes with the whole shard's BatchNorm
-    statistics: the output layer's step equals the hand-computed one. Normalizing
-    the chosen samples among themselves gives other features (and fails this)."""
+    statistics, or with a synchronized BatchNorm the whole global batch's: the output
+    layer's step equals the hand-computed one. Normalizing the chosen samples among
+    themselves, or a synchronized layer with one shard, gives other features (and
+    fails this)."""
     x, y = classification_data(n=16, n_in=6)
-    expected = _expected_output_kernel(_bn_head_model(), x, y, k=2, lr=0.5, shards=2)
+    expected = _expected_output_kernel(
+        _bn_head_model(), x, y, k=2, lr=0.5, shards=2, global_statistics=synchronized
+    )
     with mirrored_strategy().scope():
-        trainer = keras_sam.KSAM(_bn_head_model(), rho=0.0, k=0.25)
+        trainer = keras_sam.KSAM(_bn_head_model(synchronized), rho=0.0, k=0.25)
         trainer.compile(optimizer=keras.optimizers.SGD(0.5), loss=logits_loss(),
                         jit_compile=jit_compile)
     trainer.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    np.testing.assert_allclose(
-        trainer.model.get_layer("out").kernel.value.values[0].numpy(), expected, atol=1e-5
-    )
+    for replica in trainer.model.get_layer("out").kernel.value.values:
+        np.testing.assert_allclose(replica.numpy(), expected, atol=1e-5)
