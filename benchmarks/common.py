@@ -9,6 +9,7 @@ TensorFlow (the GPU machines the JAX runs target may not have it installed).
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import math
@@ -279,8 +280,10 @@ class Method:
     extra: str = ""
 
 
-def all_methods() -> dict[str, Method]:
-    """Every method of `keras_sam.registry`, plus the base optimizers, by name."""
+def all_methods(requested: Sequence[str] = ()) -> dict[str, Method]:
+    """Every method of `keras_sam.registry`, plus the base optimizers, by name; and
+    after its method, each ``name:argument=value,...`` of ``requested``: the method
+    with those arguments instead of the registry's (``ksam:k=0.1``)."""
     from keras_sam import registry
 
     def same(model: Any, rho: Any) -> Any:
@@ -298,11 +301,39 @@ def all_methods() -> dict[str, Method]:
             entry.rho, entry.rho_grid, momentum_sam=entry.is_optimizer, extra=entry.options,
         )
 
-    methods = [base(registry.BASES["sgd"])]
-    methods += [method(e) for e in registry.METHODS.values() if e.base == "sgd"]
-    methods += [base(registry.BASES["adamw"])]
-    methods += [method(e) for e in registry.METHODS.values() if e.base == "adamw"]
+    def variant(name: str) -> Method:
+        entry_name, _, text = name.partition(":")
+        if entry_name not in registry.METHODS:
+            raise SystemExit(f"unknown method {entry_name!r} in {name!r}")
+        entry = registry.METHODS[entry_name]
+        arguments = dict(_argument(pair) for pair in text.split(","))
+        return dataclasses.replace(
+            method(entry), name=name,
+            wrap=lambda model, rho: entry.make_trainer(model, rho, **arguments),
+            optimizer=lambda lr, rho: entry.make_optimizer(lr, rho, **arguments),
+            extra=entry.describe(**arguments),
+        )
+
+    variants = [variant(name) for name in requested if ":" in name]
+    methods = []
+    for key in ("sgd", "adamw"):
+        methods.append(base(registry.BASES[key]))
+        for entry in registry.METHODS.values():
+            if entry.base == key:
+                methods.append(method(entry))
+                methods += [v for v in variants if v.name.partition(":")[0] == entry.name]
     return {m.name: m for m in methods}
+
+
+def _argument(pair: str) -> tuple[str, Any]:
+    """``"k=0.1"`` -> ``("k", 0.1)``; a value that is not a Python literal stays text."""
+    name, equals, value = pair.partition("=")
+    if not equals or not name:
+        raise SystemExit(f"expected argument=value, got {pair!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
 
 
 def sgd_momentum() -> float:

@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     device = common.setup_device(args.device, parser)
     import keras
 
-    methods = common.all_methods()
+    methods = common.all_methods(args.methods or ())
     names = common.select_methods(args.methods, methods)
     machine = common.machine_info(device)
     print(f"generalization benchmark on {device}; load {machine['load_average_1_5_15']}; "

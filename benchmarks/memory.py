@@ -111,7 +111,7 @@ def probe(model_name: str, method_name: str, jit: bool, epochs: int, quick: bool
     """Inside a fresh process: the figures of the module docstring, in bytes."""
     import keras
 
-    method = common.all_methods()[method_name]
+    method = common.all_methods([method_name])[method_name]
     spec = _spec(model_name, quick)
     x, y = spec.make_data(spec.batch_size * STEPS_PER_EPOCH, 0)
     model = spec.build(0)
@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     harness.check_load(args.max_load, parser)
     if common.backend_name() == "torch" and "on" in args.xla:
         args.xla = [x for x in args.xla if x == "off"]  # the wrappers refuse torch.compile
-    methods = common.all_methods()
+    methods = common.all_methods(args.methods or ())
     names = common.select_methods(args.methods, methods)
     machine = common.machine_info(device)
     print(f"memory benchmark on {device}; load {machine['load_average_1_5_15']}", flush=True)

@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error("--pieces: written for TensorFlow and JAX only.")
     device = common.setup_device(args.device, parser)
     devices = setup_data_parallel(args, parser)
-    methods = common.all_methods()
+    methods = common.all_methods(args.methods or ())
     names = common.select_methods(args.methods, methods)
     machine = common.machine_info(device)
     jax_backend = machine["keras_backend"] == "jax"

@@ -37,6 +37,24 @@ def test_the_benchmarks_cover_every_registered_method():
     assert common.select_methods(["looksam"], common.all_methods()) == ["sgd", "looksam"]
 
 
+def test_a_method_variant_runs_with_its_own_arguments_after_its_method():
+    from tests.helpers import plain_model
+
+    methods = common.all_methods(["ksam:k=0.1", "msam:weight_decay=0.001"])
+    names = list(methods)
+    assert names.index("ksam:k=0.1") == names.index("ksam") + 1
+    assert names.index("msam:weight_decay=0.001") == names.index("msam") + 1
+    assert methods["msam:weight_decay=0.001"].optimizer(0.1, 0.3).weight_decay == 0.001
+    variant = methods["ksam:k=0.1"]
+    assert variant.wrap(plain_model(), 0.05).k == 0.1
+    assert "k=0.1" in variant.extra and variant.base == "sgd"
+    assert common.select_methods(["ksam:k=0.1"], methods) == ["sgd", "ksam:k=0.1"]
+    with pytest.raises(SystemExit, match="unknown method 'ksm'"):
+        common.all_methods(["ksm:k=0.1"])
+    with pytest.raises(SystemExit, match="argument=value"):
+        common.all_methods(["ksam:k"])
+
+
 def test_speed_quick_reports_every_method(tmp_path):
     speed.main(["--quick", "--methods", *QUICK_METHODS, "--out", str(tmp_path)])
     report = json.loads((tmp_path / "speed.json").read_text())
