@@ -28,12 +28,7 @@ def pooled_cnn(input_shape: tuple, num_classes: int, seed: int) -> keras.Model:
     ReLU layer without BatchNorm."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input(input_shape)
-    h = inputs
-    for filters in (16, 32):
-        h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
-        h = keras.layers.BatchNormalization(momentum=0.9)(h)
-        h = keras.layers.ReLU()(h)
-    h = keras.layers.GlobalAveragePooling2D()(h)
+    h = keras.layers.GlobalAveragePooling2D()(demo.convolutions(inputs))
     h = keras.layers.Dense(64, activation="relu")(h)
     return keras.Model(inputs, keras.layers.Dense(num_classes)(h))
 
@@ -89,7 +84,8 @@ def main() -> None:
             results = np.array([run(name, overrides, build, seed, args.epochs, warmup)
                                 for seed in args.seeds])
             accuracy = 100 * results[:, 0]
-            print(f"| {label} | {accuracy.mean():.2f} ± {accuracy.std(ddof=1):.2f} % | "
+            spread = f" ± {accuracy.std(ddof=1):.2f}" if len(accuracy) > 1 else ""
+            print(f"| {label} | {accuracy.mean():.2f}{spread} % | "
                   f"{', '.join(f'{a:.2f}' for a in accuracy)} | "
                   f"{100 * results[:, 1].mean():.0f} % |", flush=True)
 

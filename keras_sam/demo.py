@@ -101,6 +101,17 @@ def load_tfds(name: str) -> tuple:
     )
 
 
+def convolutions(inputs: Any) -> Any:
+    """The demo CNN's convolution blocks on ``inputs``: a 3×3 convolution (16, then
+    32 filters), BatchNormalization and ReLU, twice."""
+    h = inputs
+    for filters in (16, 32):
+        h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
+        h = keras.layers.BatchNormalization(momentum=0.9)(h)
+        h = keras.layers.ReLU()(h)
+    return h
+
+
 def build_model(input_shape: Sequence[int], num_classes: int, seed: int) -> keras.Model:
     """A small CNN with BatchNormalization after every hidden layer (so BN handling
     matters): two 3×3 convolutions, a dense hidden layer, a linear classifier.
@@ -110,12 +121,7 @@ def build_model(input_shape: Sequence[int], num_classes: int, seed: int) -> kera
     first epoch (``python -m benchmarks.ksam_batchnorm`` compares both)."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input(tuple(input_shape))
-    h = inputs
-    for filters in (16, 32):
-        h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
-        h = keras.layers.BatchNormalization(momentum=0.9)(h)
-        h = keras.layers.ReLU()(h)
-    h = keras.layers.Flatten()(h)
+    h = keras.layers.Flatten()(convolutions(inputs))
     h = keras.layers.Dense(64, use_bias=False)(h)
     h = keras.layers.BatchNormalization(momentum=0.9)(h)
     h = keras.layers.ReLU()(h)
