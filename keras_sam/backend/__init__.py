@@ -40,6 +40,7 @@ apply_if_finite = _implementation.apply_if_finite
 apply_gated = _implementation.apply_gated
 sequenced = _implementation.sequenced
 allocator_probe = _implementation.allocator_probe
+momentum_step_in_place = _implementation.momentum_step_in_place
 apply_gradients = _implementation.apply_gradients
 forward_and_gradients = _implementation.forward_and_gradients
 forward_and_sample_scores = _implementation.forward_and_sample_scores
@@ -89,6 +90,7 @@ __all__ = [
     "hessian_vector_product",
     "is_multi_worker",
     "loss_scale",
+    "momentum_step_in_place",
     "num_replicas",
     "sequenced",
     "snapshot",

@@ -51,6 +51,12 @@ def unsequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     return value
 
 
+def no_momentum_step_in_place(*args: Any) -> bool:
+    """False: the backend has no in-place step kernels, or compiles the step (XLA
+    writes the `keras.ops` step in place itself)."""
+    return False
+
+
 def no_allocator_probe() -> tuple[None, None]:
     """``(None, None)``: the backend does not report its allocator's peak (JAX, whose
     CPU devices give no memory statistics and whose GPU peak cannot be reset)."""

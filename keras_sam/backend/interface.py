@@ -79,6 +79,23 @@ class Backend(Protocol):
         those are then materialized, not fused into ``value``'s consumers. Where no
         step is traced for XLA, ``value`` itself (the same object)."""
 
+    def momentum_step_in_place(
+        self,
+        variable: Any,
+        velocity: Any,
+        scale: Tensor,
+        learning_rate: Tensor,
+        momentum: Tensor,
+        gradient: Tensor,
+        decay: Tensor | None,
+    ) -> bool:
+        """Momentum-SAM's SGD step on one variable with in-place kernels, where the
+        backend has them and no step is traced for a compiler: w ← w + scale·v (the
+        old perturbation removed), w ← w − decay·w when ``decay`` is given,
+        v ← momentum·v + g, w ← w − learning_rate·v: the arithmetic of the
+        `keras.ops` step. Returns whether it wrote the step; False writes nothing
+        (the caller then writes it with `keras.ops`)."""
+
     def allocator_probe(self) -> tuple[Any, Any]:
         """``(reset, read_peak)`` for the backend's allocator on the training device:
         ``reset()`` clears its peak and returns the bytes in use, ``read_peak()`` the

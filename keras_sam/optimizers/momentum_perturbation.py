@@ -208,12 +208,17 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
             return slots
         return slots_from(*after)
 
+    def _decay_rate(self, variable: Any, learning_rate: Any) -> Any:
+        """``lr * wd``, the decoupled weight decay's factor for ``variable``; None
+        where it does not decay."""
+        if self.weight_decay is None or not internals.uses_weight_decay(self, variable):
+            return None
+        return ops.multiply(learning_rate, ops.cast(self.weight_decay, variable.dtype))
+
     def _maybe_decay(self, weights: Any, variable: Any, learning_rate: Any) -> Any:
         """Decoupled weight decay ``w - lr * wd * w`` applied to the clean weights."""
-        if self.weight_decay is None or not internals.uses_weight_decay(self, variable):
-            return weights
-        wd = ops.cast(self.weight_decay, variable.dtype)
-        return ops.subtract(weights, ops.multiply(ops.multiply(weights, wd), learning_rate))
+        rate = self._decay_rate(variable, learning_rate)
+        return weights if rate is None else ops.subtract(weights, ops.multiply(weights, rate))
 
     def _apply_weight_decay(self, variables: list) -> None:
         # Keras would decay the *stored* (perturbed) weights before update_step; the flavours

@@ -7,7 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_sam import internals
+from keras_sam import backend, internals
 from keras_sam.optimizers.momentum_perturbation import MomentumPerturbationOptimizer
 from keras_sam.rho import RhoLike
 from keras_sam.validation import check_real
@@ -145,6 +145,16 @@ class MSAM(MomentumPerturbationOptimizer):
         lr = self._gated(ops.cast(learning_rate, variable.dtype), 0.0, gate)
         momentum = self._gated(ops.cast(self.momentum, variable.dtype), 1.0, gate)
         v = self.momentums[internals.variable_index(self, variable)]
+        if backend.momentum_step_in_place(
+            variable,
+            v,
+            self._applied_scale(variable.dtype),
+            lr,
+            momentum,
+            gradient,
+            self._decay_rate(variable, lr),
+        ):
+            return
         weights = self._unperturbed(variable, v)
         weights = self._maybe_decay(weights, variable, lr)
 
