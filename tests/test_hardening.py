@@ -98,7 +98,7 @@ def test_rho_zero_equals_base_with_optimizer_option(method, optimizer_kwargs):
     base.fit(X, Y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     trainer = _trainer(method, plain_model(), 0.0, **optimizer_kwargs)
     trainer.fit(X, Y, batch_size=16, epochs=2, shuffle=False, verbose=0)
-    assert_weights_close(_inner(trainer).get_weights(), base.get_weights(), atol=1e-6)
+    assert_weights_close(_inner(trainer).get_weights(), base.get_weights(), atol=method.base_atol)
 
 
 # --------------------------------------------------------------------------- exact resume

@@ -41,6 +41,7 @@ apply_gated = _implementation.apply_gated
 sequenced = _implementation.sequenced
 allocator_probe = _implementation.allocator_probe
 momentum_step_in_place = _implementation.momentum_step_in_place
+adam_step_in_place = _implementation.adam_step_in_place
 apply_gradients = _implementation.apply_gradients
 forward_and_gradients = _implementation.forward_and_gradients
 forward_and_sample_scores = _implementation.forward_and_sample_scores
@@ -71,6 +72,7 @@ def check_supported(what: Any) -> None:
 __all__ = [
     "FUNCTIONS",
     "SUPPORTED_BACKENDS",
+    "adam_step_in_place",
     "all_reduce_sum",
     "allocator_probe",
     "apply_gated",

@@ -51,9 +51,9 @@ def unsequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     return value
 
 
-def no_momentum_step_in_place(*args: Any) -> bool:
-    """False: the backend has no in-place step kernels, or compiles the step (XLA
-    writes the `keras.ops` step in place itself)."""
+def no_step_in_place(*args: Any) -> bool:
+    """False: the backend has no in-place step kernels (the `keras.ops` step is
+    written instead)."""
     return False
 
 

@@ -96,6 +96,26 @@ class Backend(Protocol):
         `keras.ops` step. Returns whether it wrote the step; False writes nothing
         (the caller then writes it with `keras.ops`)."""
 
+    def adam_step_in_place(
+        self,
+        variable: Any,
+        first_moment: Any,
+        second_moment: Any,
+        scale: Tensor,
+        learning_rate: Tensor,
+        betas: tuple[Tensor, Tensor],
+        beta_powers: tuple[Tensor, Tensor],
+        epsilon: Tensor,
+        gradient: Tensor,
+        decay: Tensor | None,
+    ) -> bool:
+        """Momentum-SAM's AdamW step on one variable with in-place kernels, where
+        the backend has them and no step is traced for a compiler: w ← w + scale·m
+        (the old perturbation removed), the Adam step with ``betas`` (β₁, β₂) and
+        ``beta_powers`` (β₁ᵗ, β₂ᵗ), then w ← w − decay·w when ``decay`` is given.
+        Returns whether it wrote the step; False writes nothing (the caller then
+        writes it with `keras.ops`)."""
+
     def allocator_probe(self) -> tuple[Any, Any]:
         """``(reset, read_peak)`` for the backend's allocator on the training device:
         ``reset()`` clears its peak and returns the bytes in use, ``read_peak()`` the

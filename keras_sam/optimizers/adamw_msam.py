@@ -7,7 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_sam import internals
+from keras_sam import backend, internals
 from keras_sam.optimizers.momentum_perturbation import MomentumPerturbationOptimizer
 from keras_sam.rho import RhoLike
 from keras_sam.validation import check_real
@@ -36,7 +36,9 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
     step (the authors' order; Keras' ``AdamW`` decays before, a difference of order
     ``lr**2 * wd``); ``epsilon`` is Keras' convention (added to ``sqrt(v)`` with the bias
     correction folded into the step size; PyTorch adds it to the bias-corrected ``sqrt(v)``).
-    With ``rho=0`` and ``weight_decay=0`` this is Keras ``Adam`` up to float rounding. For
+    With ``rho=0`` and ``weight_decay=0`` this is Keras ``Adam`` up to float rounding (on
+    TensorFlow without XLA the step is TensorFlow's in-place ``ResourceApplyAdam``, which
+    forms ``1 - beta_2`` in float32: a relative 1.3e-5 in each second-moment update). For
     what the user must do about validation, checkpoints and BatchNorm, see ``MSAM``:
     add ``keras_sam.callbacks.MSAMCallback()`` first in ``fit``'s callbacks.
 
@@ -134,6 +136,22 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
         index = internals.variable_index(self, variable)
         m = self.momentums[index]
         v = self.velocities[index]
+        if backend.adam_step_in_place(
+            variable,
+            m,
+            v,
+            self._applied_scale(dtype),
+            lr,
+            (
+                self._gated(ops.cast(self.beta_1, dtype), 1.0, gate),
+                self._gated(ops.cast(self.beta_2, dtype), 1.0, gate),
+            ),
+            (beta_1_power, beta_2_power),
+            ops.cast(self.epsilon, dtype),
+            gradient,
+            self._decay_rate(variable, lr),
+        ):
+            return
         weights = self._unperturbed(variable, m)
         rate_1 = self._gated(ops.cast(1.0 - self.beta_1, dtype), 0.0, gate)
         rate_2 = self._gated(ops.cast(1.0 - self.beta_2, dtype), 0.0, gate)

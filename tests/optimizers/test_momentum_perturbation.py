@@ -124,3 +124,26 @@ def test_a_compiled_fit_skips_a_non_finite_batch(flavour):
 
     for got, want in zip(run(bad, y), run(x[:16], y[:16])):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.tf_only
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize(
+    ("flavour", "kernel"), [(MSAM, "ResourceApplyMomentum"), (AdamWMSAM, "ResourceApplyAdam")]
+)
+def test_tensorflow_without_xla_steps_with_its_in_place_kernels(flavour, kernel, jit_compile):
+    """Without XLA, the keras.ops step's intermediates of every variable were alive
+    at once in TensorFlow's executor (about one parameter copy above SGD, two above
+    AdamW: ``python -m benchmarks.memory --xla off``): the traced step uses
+    TensorFlow's in-place kernels instead, one per variable; XLA fuses the keras.ops
+    step itself. Both write the reference's weights (the reference tests)."""
+    import tensorflow as tf
+
+    variables = [keras.Variable(np.ones((3, 2))), keras.Variable(np.ones((2,)))]
+    optimizer = flavour(0.1, rho=0.1, weight_decay=0.01)
+    optimizer.build(variables)
+    step = tf.function(lambda g: optimizer.apply([g[:3], g[3, :]], variables),
+                       jit_compile=jit_compile)
+    graph = step.get_concrete_function(tf.TensorSpec((4, 2), "float32")).graph
+    kinds = [op.type for op in graph.get_operations()]
+    assert kinds.count(kernel) == (0 if jit_compile else 2)

@@ -355,23 +355,3 @@ def test_apply_perturbation_round_trip_idempotent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert global_norm([diff]) == pytest.approx(0.1, rel=1e-5)
-
-
-@pytest.mark.tf_only
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_tensorflow_without_xla_steps_with_its_in_place_kernels(jit_compile):
-    """Without XLA, the keras.ops step's intermediates of every variable were alive
-    at once in TensorFlow's executor (about one parameter copy above SGD, ``python
-    -m benchmarks.memory --xla off``): the traced step uses TensorFlow's in-place
-    kernels instead, one `ResourceApplyMomentum` per variable; XLA fuses the
-    keras.ops step itself. Both write the same weights (the reference tests)."""
-    import tensorflow as tf
-
-    variables = [keras.Variable(np.ones((3, 2))), keras.Variable(np.ones((2,)))]
-    optimizer = MSAM(0.1, rho=0.1, weight_decay=0.01)
-    optimizer.build(variables)
-    step = tf.function(lambda g: optimizer.apply([g[:3], g[3, :]], variables),
-                       jit_compile=jit_compile)
-    graph = step.get_concrete_function(tf.TensorSpec((4, 2), "float32")).graph
-    kinds = [op.type for op in graph.get_operations()]
-    assert kinds.count("ResourceApplyMomentum") == (0 if jit_compile else 2)

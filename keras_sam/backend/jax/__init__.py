@@ -276,7 +276,8 @@ def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) 
 
 
 allocator_probe = common.no_allocator_probe
-momentum_step_in_place = common.no_momentum_step_in_place
+momentum_step_in_place = common.no_step_in_place
+adam_step_in_place = common.no_step_in_place
 
 
 def sequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:

@@ -118,7 +118,8 @@ def allocator_probe() -> tuple[Any, Any]:
 apply_if_finite = common.apply_if_finite_on_host
 apply_gated = common.apply_gated
 sequenced = common.unsequenced
-momentum_step_in_place = common.no_momentum_step_in_place
+momentum_step_in_place = common.no_step_in_place
+adam_step_in_place = common.no_step_in_place
 
 
 def apply_gradients(optimizer: Any, grads: list, variables: Sequence[Any]) -> None:

@@ -28,7 +28,8 @@ apply_if_finite = common.apply_if_finite_on_host
 apply_gated = common.apply_gated
 sequenced = common.unsequenced
 allocator_probe = common.no_allocator_probe
-momentum_step_in_place = common.no_momentum_step_in_place
+momentum_step_in_place = common.no_step_in_place
+adam_step_in_place = common.no_step_in_place
 
 
 def _unsupported(*args: Any, **kwargs: Any) -> Any:
