@@ -66,7 +66,9 @@ class Ascent(NamedTuple):
         loss: the clean loss (as `compute_loss` returns it), reported by `fit`.
         y_pred: the clean predictions, fed to the compiled metrics.
         grads: ascent gradients aligned with `trainable_variables` (scaled by the
-            optimizer's loss scale; ``None`` where a variable has none).
+            optimizer's loss scale; ``None`` where a variable has none). `descent`
+            receives them unscaled as its ``grads`` argument, and an Ascent whose
+            ``grads`` is None.
         batch: ``(x, y, sample_weight)`` the perturbed gradient is taken on.
         scores: per-sample scores of the clean pass (``None`` unless a variant
             asks for them, see `keras_sam.ESAM`).
@@ -77,7 +79,7 @@ class Ascent(NamedTuple):
 
     loss: Any
     y_pred: Any
-    grads: list
+    grads: list | None
     batch: tuple
     scores: Any = None
     batch_moments: list | None = None
@@ -422,7 +424,7 @@ class SharpnessAwareTrainer(ModelWrapper):
         """The skeleton: one step on the batch ``data``, statefully."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         state_before = backend.snapshot(self.non_trainable_variables)
-        scale = backend.loss_scale(self.optimizer)  # before `apply` may change it
+        scale = _loss_scale(self.optimizer)  # before `apply` may change it
         parts = _batch_parts((x, y, sample_weight), self.num_batch_splits)
         results = [
             self._part_step(part, scale, state_before if i == 0 else None)
@@ -432,7 +434,7 @@ class SharpnessAwareTrainer(ModelWrapper):
         y_pred = _concatenate([y_pred for y_pred, _ in results])
         variables = self.trainable_variables
         grads = [
-            None if g is None else ops.cast(g * scale, v.dtype)
+            None if g is None else ops.cast(g if scale is None else g * scale, v.dtype)
             for g, v in zip(descent.grads, variables)
         ]
         finite = all_finite(grads + list(descent.decoupled or []))
@@ -445,15 +447,29 @@ class SharpnessAwareTrainer(ModelWrapper):
         return self._distributable_logs(logs)
 
     def _part_step(self, batch: tuple, scale: Any, state_before: list | None) -> tuple:
-        """Clean pass, ε and descent on one part of the batch: ``(y_pred, Descent)``."""
+        """Clean pass, ε and descent on one part of the batch: ``(y_pred, Descent)``.
+
+        Run eagerly (JAX without ``jit_compile``, PyTorch), an array lives while a
+        name holds it: the clean gradients reach `descent` held by nothing else,
+        so that its default can let them go once ε is formed (`_handed_over`).
+        """
         if state_before is None:  # a later part replays its own dropout masks
             state_before = backend.snapshot(self.non_trainable_variables)
         ascent = self._ascent_step(*batch, state_before)
         self._track_loss(ascent.loss, batch[0])
-        grads = _unscale(ascent.grads, scale)
+        clean = [ascent.grads]
+        ascent = ascent._replace(grads=None)
+        grads = [self._ascent_gradients(_handed_over(clean), scale)]
+        return ascent.y_pred, self.descent(ascent, _handed_over(grads), state_before)
+
+    def _ascent_gradients(self, scaled: list, scale: Any) -> list:
+        """The ascent gradients without the loss scale, in float32 (summed over
+        replicas with ``perturbation_scope="global"``)."""
+        grads = _unscale(scaled, scale)
+        del scaled  # eagerly: the scaled ones go before the sum over replicas
         if self.perturbation_scope == "global":
             grads = backend.all_reduce_sum(grads)
-        return ascent.y_pred, self.descent(ascent, grads, state_before)
+        return grads
 
     def _perturbed_gradients(
         self,
@@ -464,7 +480,7 @@ class SharpnessAwareTrainer(ModelWrapper):
     ) -> list:
         with self.batch_statistics(batch_moments):
             grads = backend.stateless_gradients(self, perturbed, state_before, *batch)[1]
-        return _unscale(grads, backend.loss_scale(self.optimizer))
+        return _unscale(grads, _loss_scale(self.optimizer))
 
     def batch_statistics(self, batch_moments: list | None) -> Any:
         """A scope in which BatchNormalization normalizes a subset of the batch with
@@ -505,7 +521,9 @@ class SharpnessAwareTrainer(ModelWrapper):
                 with ``perturbation_scope="global"``).
             state_before: the non-trainable state the stateless passes read.
         """
-        return Descent(self.perturbed_gradients(ascent, self.epsilon(grads), state_before))
+        epsilon = [self.epsilon(grads)]
+        del grads  # eagerly: the clean gradients go before the perturbed pass
+        return Descent(self.perturbed_gradients(ascent, _handed_over(epsilon), state_before))
 
     def after_step(self, sam_grads: list) -> None:
         """Called after the optimizer step with the (unscaled, float32) gradients it
@@ -524,6 +542,7 @@ class SharpnessAwareTrainer(ModelWrapper):
     def perturbed_gradients(self, ascent: Ascent, epsilon: list, state_before: list) -> list:
         """The unscaled float32 gradient at w + ε on the ascent's batch (stateless)."""
         perturbed = add_perturbation([v.value for v in self.trainable_variables], epsilon)
+        del epsilon  # eagerly: ε goes before the perturbed pass, unless the caller keeps it
         return self._perturbed_step(perturbed, state_before, ascent.batch, ascent.batch_moments)
 
     def perturbed_mask(self, variables: Sequence[Any]) -> list[bool]:
@@ -630,9 +649,28 @@ class SharpnessAwareTrainer(ModelWrapper):
         return super().from_config(config, custom_objects=custom_objects)
 
 
+def _loss_scale(optimizer: Any) -> Any:
+    """The factor ``optimizer`` scales losses by; None where it scales none (the
+    gradients are then used as they are: eagerly, a scaling by 1 copies them)."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or (
+        getattr(optimizer, "loss_scale_factor", None) is not None
+    ):
+        return backend.loss_scale(optimizer)
+    return None
+
+
 def _unscale(grads: list, scale: Any) -> list:
-    """Gradients without the mixed-precision loss scale, in float32 (for norms)."""
+    """Gradients without the mixed-precision loss scale (None: none), in float32
+    (for norms)."""
+    if scale is None:
+        return [None if g is None else ops.cast(g, "float32") for g in grads]
     return [None if g is None else ops.cast(g, "float32") / scale for g in grads]
+
+
+def _handed_over(box: list) -> Any:
+    """The one item of ``box``, taken out of it: eagerly, a value passed on this
+    way is freed as soon as the callee lets it go (a local name would keep it)."""
+    return box.pop()
 
 
 def _batch_parts(batch: tuple, splits: int | None) -> list[tuple[tuple, Any]]:
