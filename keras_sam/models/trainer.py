@@ -650,13 +650,13 @@ class SharpnessAwareTrainer(ModelWrapper):
 
 
 def _loss_scale(optimizer: Any) -> Any:
-    """The factor ``optimizer`` scales losses by; None where it scales none (the
-    gradients are then used as they are: eagerly, a scaling by 1 copies them)."""
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or (
-        getattr(optimizer, "loss_scale_factor", None) is not None
-    ):
-        return backend.loss_scale(optimizer)
-    return None
+    """The factor ``optimizer`` scales losses by; None where it scales none (Keras'
+    own `scale_loss` and no ``loss_scale_factor``: the gradients are then used as
+    they are, where dividing by 1 would copy them eagerly)."""
+    own = type(optimizer).scale_loss is keras.optimizers.Optimizer.scale_loss
+    if own and getattr(optimizer, "loss_scale_factor", None) is None:
+        return None
+    return backend.loss_scale(optimizer)
 
 
 def _unscale(grads: list, scale: Any) -> list:

@@ -179,9 +179,8 @@ def adam_step_in_place(
     0.99998713e-3, not 1e-3), so its second moment moves a relative 1.3e-5 less
     per step than Keras' Adam's (and the `keras.ops` step's); with 1 − β exact in
     float32 (β = 0.5, 0.75) the kernel and Keras' Adam agree bit for bit. The
-    `keras.ops` step held
-    about two parameter copies more than this one (AdamW-MSAM on the 144 MiB MLP
-    without XLA, ``python -m benchmarks.memory --xla off``)."""
+    `keras.ops` step held about two parameter copies more than this one (AdamW-MSAM
+    on the 144 MiB MLP without XLA, ``python -m benchmarks.memory --xla off``)."""
     if _traced_for_xla(tf.compat.v1.get_default_graph()):
         return False
     _remove_perturbation(variable, first_moment, scale)
