@@ -459,8 +459,9 @@ class SharpnessAwareTrainer(ModelWrapper):
         self._track_loss(ascent.loss, batch[0])
         clean = [ascent.grads]
         ascent = ascent._replace(grads=None)
-        grads = [self._ascent_gradients(_handed_over(clean), scale)]
-        return ascent.y_pred, self.descent(ascent, _handed_over(grads), state_before)
+        return ascent.y_pred, self.descent(
+            ascent, self._ascent_gradients(_handed_over(clean), scale), state_before
+        )
 
     def _ascent_gradients(self, scaled: list, scale: Any) -> list:
         """The ascent gradients without the loss scale, in float32 (summed over
