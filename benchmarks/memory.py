@@ -12,6 +12,10 @@ another's allocations. The process builds the model, compiles and trains one epo
 * on a GPU, the device's own peak (``jax.Device.memory_stats()``,
   ``tf.config.experimental.get_memory_info``) over the same span as ``steady``.
 
+JAX on a CPU runs with asynchronous dispatch off (`_synchronous_jax_cpu`), and
+every probe with glibc's mmap threshold fixed (`_MMAP_THRESHOLD`), so that the
+figures are the buffers' and not the timing's or the heap's.
+
 The tables give each method's figure above its base optimizer's, in parameter
 copies (bytes / parameter bytes) and MiB. What the algorithms need: 0 copies for
 Momentum-SAM (its perturbation lives along the momentum the base optimizer keeps),
@@ -107,9 +111,23 @@ def _device_peak_reset() -> Any:
     return torch.cuda.max_memory_allocated
 
 
+def _synchronous_jax_cpu() -> None:
+    """Turns off JAX's asynchronous dispatch on a CPU. With it, Python queues the
+    operations of an eager step ahead of their execution and every queued result
+    holds its buffer, so the peak depends on the host's timing: three runs of SGD
+    without XLA on the wide MLP peaked 594, 693 and 644 MiB above the model, one
+    operation at a time 613 to 619 MiB (in one process, after a first run)."""
+    if common.backend_name() == "jax" and not common.uses_gpu():
+        import jax
+
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
 def probe(model_name: str, method_name: str, jit: bool, epochs: int, quick: bool) -> dict:
     """Inside a fresh process: the figures of the module docstring, in bytes."""
     import keras
+
+    _synchronous_jax_cpu()
 
     method = common.all_methods([method_name])[method_name]
     spec = _spec(model_name, quick)
@@ -151,6 +169,15 @@ def _spec(model_name: str, quick: bool) -> workloads.ModelSpec:
                                spec.learning_rate)
 
 
+#: glibc's malloc serves blocks from this size up with their own mappings, which it
+#: returns to the system when they are freed. Left to itself it raises the bound
+#: past the blocks a step frees and keeps them in its heap, whose size then depends
+#: on fragmentation: three identical JAX runs of Momentum-SAM without XLA peaked
+#: 796, 674 and 793 MiB above the model; with the bound fixed, 766 to 770 (SGD's
+#: 670 to 675).
+_MMAP_THRESHOLD = 64 * 1024
+
+
 def run_probe(model_name: str, method_name: str, jit: bool, args: argparse.Namespace) -> dict:
     """`probe` in a subprocess; its JSON line, or ``{"error": ...}``."""
     command = [
@@ -160,7 +187,7 @@ def run_probe(model_name: str, method_name: str, jit: bool, args: argparse.Names
     ] + (["--quick"] if args.quick else [])
     done = subprocess.run(
         command, capture_output=True, text=True, check=False,
-        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        env=dict(os.environ, PYTHONWARNINGS="ignore", MALLOC_MMAP_THRESHOLD_=str(_MMAP_THRESHOLD)),
         cwd=str(Path(__file__).resolve().parent.parent),
     )
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("MEMORY_PROBE ")]

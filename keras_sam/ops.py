@@ -116,6 +116,37 @@ def all_finite(tensors: Sequence[Tensor | None]) -> Tensor:
     return ops.all(ops.stack(checks))
 
 
+def gated(value: Tensor, skipped: Tensor, gate: Tensor | None) -> Tensor:
+    """``value`` where ``gate`` is 1, ``skipped`` where it is 0, exactly (the other
+    term is multiplied by 0); ``value`` when ``gate`` is None. For the coefficients
+    of an update, with the value that leaves the variable unchanged as ``skipped``
+    (0 for a step size, 1 for a decay factor).
+
+    Examples:
+        >>> float(gated(0.1, 0.0, 1.0)), float(gated(0.1, 0.0, 0.0)), gated(0.1, 0.0, None)
+        (0.1, 0.0, 0.1)
+    """
+    if gate is None:
+        return value
+    gate = ops.cast(gate, ops.convert_to_tensor(value).dtype)
+    return ops.add(ops.multiply(value, gate), ops.multiply(skipped, 1.0 - gate))
+
+
+def zeroed_unless(tensor: Tensor, gate: Tensor | None) -> Tensor:
+    """``tensor`` where ``gate`` is 1 or None, zeros where it is 0 (selected, so a
+    NaN or an infinity in ``tensor`` does not pass).
+
+    Examples:
+        >>> from keras import ops
+        >>> [float(t[0]) for t in (zeroed_unless(ops.array([float("nan")]), 0.0),
+        ...                        zeroed_unless(ops.array([2.0]), 1.0))]
+        [0.0, 2.0]
+    """
+    if gate is None:
+        return tensor
+    return ops.where(ops.greater(gate, 0.5), tensor, ops.zeros_like(tensor))
+
+
 def is_finite(tensor: Tensor) -> Tensor:
     """True when every entry of ``tensor`` is finite, read from the float32 sum of its
     entries (a NaN or an infinity makes the sum NaN or infinite; so does a sum past

@@ -39,6 +39,7 @@ all_reduce_sum = _implementation.all_reduce_sum
 apply_if_finite = _implementation.apply_if_finite
 apply_gated = _implementation.apply_gated
 sequenced = _implementation.sequenced
+fused = _implementation.fused
 allocator_probe = _implementation.allocator_probe
 momentum_step_in_place = _implementation.momentum_step_in_place
 adam_step_in_place = _implementation.adam_step_in_place
@@ -88,6 +89,7 @@ __all__ = [
     "forward_and_sample_scores",
     "forward_gradients_and_sample_scores",
     "function",
+    "fused",
     "gradient",
     "hessian_vector_product",
     "is_multi_worker",

@@ -51,6 +51,13 @@ def unsequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     return value
 
 
+def unfused(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` itself: the backend compiles no piece of an eager step (TensorFlow,
+    whose steps are graphs with in-place kernels or XLA programs; PyTorch; the
+    placeholders)."""
+    return function
+
+
 def no_step_in_place(*args: Any) -> bool:
     """False: the backend has no in-place step kernels (the `keras.ops` step is
     written instead)."""

@@ -79,6 +79,13 @@ class Backend(Protocol):
         those are then materialized, not fused into ``value``'s consumers. Where no
         step is traced for XLA, ``value`` itself (the same object)."""
 
+    def fused(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        """``function``, a pure function of tensors (an optimizer's per-variable
+        arithmetic), run as one compiled program per argument shape where the step
+        runs eagerly and the backend compiles pieces of it (JAX without
+        ``jit_compile``: `jax.jit`, so its intermediate tensors are never allocated);
+        ``function`` itself elsewhere (a traced step compiles it with the rest)."""
+
     def momentum_step_in_place(
         self,
         variable: Any,
@@ -87,14 +94,16 @@ class Backend(Protocol):
         learning_rate: Tensor,
         momentum: Tensor,
         gradient: Tensor,
+        gate: Tensor | None,
         decay: Tensor | None,
     ) -> bool:
         """Momentum-SAM's SGD step on one variable with in-place kernels, where the
         backend has them and no step is traced for a compiler: w ← w + scale·v (the
         old perturbation removed), w ← w − decay·w when ``decay`` is given,
-        v ← momentum·v + g, w ← w − learning_rate·v: the arithmetic of the
-        `keras.ops` step. Returns whether it wrote the step; False writes nothing
-        (the caller then writes it with `keras.ops`)."""
+        v ← momentum·v + g, w ← w − learning_rate·v, with g the gradient, or zeros
+        where ``gate`` is 0: the arithmetic of the `keras.ops` step. Returns whether
+        it wrote the step; False writes nothing (the caller then writes it with
+        `keras.ops`)."""
 
     def adam_step_in_place(
         self,
@@ -107,12 +116,14 @@ class Backend(Protocol):
         beta_powers: tuple[Tensor, Tensor],
         epsilon: Tensor,
         gradient: Tensor,
+        gate: Tensor | None,
         decay: Tensor | None,
     ) -> bool:
         """Momentum-SAM's AdamW step on one variable with in-place kernels, where
         the backend has them and no step is traced for a compiler: w ← w + scale·m
         (the old perturbation removed), the Adam step with ``betas`` (β₁, β₂) and
-        ``beta_powers`` (β₁ᵗ, β₂ᵗ), then w ← w − decay·w when ``decay`` is given.
+        ``beta_powers`` (β₁ᵗ, β₂ᵗ) on the gradient (zeros where ``gate`` is 0), then
+        w ← w − decay·w when ``decay`` is given.
         Returns whether it wrote the step; False writes nothing (the caller then
         writes it with `keras.ops`)."""
 

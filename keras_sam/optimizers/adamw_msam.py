@@ -8,7 +8,13 @@ import keras
 from keras import ops
 
 from keras_sam import backend, internals
-from keras_sam.optimizers.momentum_perturbation import MomentumPerturbationOptimizer
+from keras_sam.ops import gated, zeroed_unless
+from keras_sam.optimizers.momentum_perturbation import (
+    MomentumPerturbationOptimizer,
+    decayed,
+    slots_after,
+    unperturbed,
+)
 from keras_sam.rho import RhoLike
 from keras_sam.validation import check_real
 
@@ -128,48 +134,37 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """Clean weights, Adam moments and step, then decoupled decay, for one variable."""
         dtype = variable.dtype
-        gradient, gate = self._checked(ops.cast(ops.convert_to_tensor(gradient), dtype))
-        lr = self._gated(ops.cast(learning_rate, dtype), 0.0, gate)
+        gradient = ops.cast(ops.convert_to_tensor(gradient), dtype)
+        gate = self._gate(gradient)
+        lr = gated(ops.cast(learning_rate, dtype), 0.0, gate)
         local_step = ops.cast(self.iterations + 1, dtype)
-        beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
-        beta_2_power = ops.power(ops.cast(self.beta_2, dtype), local_step)
+        beta_powers = (
+            ops.power(ops.cast(self.beta_1, dtype), local_step),
+            ops.power(ops.cast(self.beta_2, dtype), local_step),
+        )
         index = internals.variable_index(self, variable)
         m = self.momentums[index]
         v = self.velocities[index]
+        scale = self._applied_scale(dtype)
+        epsilon = ops.cast(self.epsilon, dtype)
+        decay = self._decay_rate(variable, lr)
+        betas = (
+            gated(ops.cast(self.beta_1, dtype), 1.0, gate),
+            gated(ops.cast(self.beta_2, dtype), 1.0, gate),
+        )
         if backend.adam_step_in_place(
-            variable,
-            m,
-            v,
-            self._applied_scale(dtype),
-            lr,
-            (
-                self._gated(ops.cast(self.beta_1, dtype), 1.0, gate),
-                self._gated(ops.cast(self.beta_2, dtype), 1.0, gate),
-            ),
-            (beta_1_power, beta_2_power),
-            ops.cast(self.epsilon, dtype),
-            gradient,
-            self._decay_rate(variable, lr),
+            variable, m, v, scale, lr, betas, beta_powers, epsilon, gradient, gate, decay
         ):
             return
-        weights = self._unperturbed(variable, m)
-        rate_1 = self._gated(ops.cast(1.0 - self.beta_1, dtype), 0.0, gate)
-        rate_2 = self._gated(ops.cast(1.0 - self.beta_2, dtype), 0.0, gate)
-
-        def moments(rate_1: Any, rate_2: Any) -> tuple:
-            # m * (1 - r) + g * r: no subexpression but the gradient is shared between
-            # the weights' update and the moments' (`_slots_after`), so XLA keeps none.
-            return (
-                ops.add(ops.multiply(m, 1.0 - rate_1), ops.multiply(gradient, rate_1)),
-                ops.add(ops.multiply(v, 1.0 - rate_2), ops.multiply(ops.square(gradient), rate_2)),
-            )
-
-        new_m, new_v = moments(rate_1, rate_2)
-        alpha = lr * ops.sqrt(1.0 - beta_2_power) / (1.0 - beta_1_power)
-        step = ops.divide(ops.multiply(new_m, alpha), ops.add(ops.sqrt(new_v), self.epsilon))
-        weights = self._maybe_decay(ops.subtract(weights, step), variable, lr)
+        rates = (
+            gated(ops.cast(1.0 - self.beta_1, dtype), 0.0, gate),
+            gated(ops.cast(1.0 - self.beta_2, dtype), 0.0, gate),
+        )
+        values = [ops.convert_to_tensor(x) for x in (variable, m, v)]
+        weights, new_m, new_v = _fused_update(
+            *values, scale, lr, rates, beta_powers, epsilon, gradient, gate, decay
+        )
         self.assign(variable, weights)
-        new_m, new_v = self._slots_after(weights, moments, (rate_1, rate_2), (new_m, new_v))
         self.assign(m, new_m)
         self.assign(v, new_v)
 
@@ -177,6 +172,42 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
         config = super().get_config()
         config.update({"beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon})
         return config
+
+
+def _update(
+    weights: Any,
+    m: Any,
+    v: Any,
+    scale: Any,
+    lr: Any,
+    rates: tuple[Any, Any],
+    beta_powers: tuple[Any, Any],
+    epsilon: Any,
+    gradient: Any,
+    gate: Any,
+    decay: Any,
+) -> tuple[Any, Any, Any]:
+    """The new ``(weights, m, v)`` of one variable: the update rule above, with
+    ``rates`` ``(1 - beta_1, 1 - beta_2)`` and ``beta_powers`` ``(beta_1^t, beta_2^t)``."""
+    gradient = zeroed_unless(gradient, gate)
+    weights = unperturbed(weights, scale, m)
+
+    def moments(rate_1: Any, rate_2: Any) -> tuple:
+        # m * (1 - r) + g * r: no subexpression but the gradient is shared between
+        # the weights' update and the moments' (`slots_after`), so XLA keeps none.
+        return (
+            ops.add(ops.multiply(m, 1.0 - rate_1), ops.multiply(gradient, rate_1)),
+            ops.add(ops.multiply(v, 1.0 - rate_2), ops.multiply(ops.square(gradient), rate_2)),
+        )
+
+    new_m, new_v = moments(*rates)
+    alpha = lr * ops.sqrt(1.0 - beta_powers[1]) / (1.0 - beta_powers[0])
+    step = ops.divide(ops.multiply(new_m, alpha), ops.add(ops.sqrt(new_v), epsilon))
+    weights = decayed(ops.subtract(weights, step), decay)
+    return (weights, *slots_after(weights, moments, rates, (new_m, new_v)))
+
+
+_fused_update = backend.fused(_update)
 
 
 if AdamWMSAM.__doc__ is not None:  # None under python -OO

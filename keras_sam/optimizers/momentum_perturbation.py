@@ -16,8 +16,8 @@ where ``d`` is the flavour's direction slot (SGD momentum, resp. Adam's raw firs
 
 A non-finite gradient never reaches the weights, and is checked without a conditional
 (`keras_sam.backend.apply_gated`): each variable whose gradient is not all finite keeps
-its clean weights and its slots (its gradient zeroed and, through
-:meth:`MomentumPerturbationOptimizer._gated`, its step size 0 and its decay factors 1);
+its clean weights and its slots (its gradient zeroed by `keras_sam.ops.zeroed_unless`
+and, through `keras_sam.ops.gated`, its step size 0 and its decay factors 1);
 it is re-perturbed with the others, and the step counter is restored when any gradient
 was not finite. A NaN loss (every gradient NaN) thus leaves the optimizer's state as it
 was and the perturbed weights within rounding of where they were. The check is per
@@ -30,10 +30,12 @@ conditional instead.
 
 Under XLA the step is written in place (`keras_sam.backend.sequenced`, a data
 dependency that orders two computations): a flavour computes the new weights from the
-old slots and writes the slots after them (:meth:`MomentumPerturbationOptimizer._slots_after`),
-and the re-perturbation's scale depends on the written weights, so XLA neither keeps a
-copy of each old slot for the weights nor fuses steps 1 and 2 into one loop that needs
-the old and the new direction at once.
+old slots and writes the slots after them (`slots_after`), and the re-perturbation's
+scale depends on the written weights, so XLA neither keeps a copy of each old slot for
+the weights nor fuses steps 1 and 2 into one loop that needs the old and the new
+direction at once. In an eager step (JAX without ``jit_compile``) each variable's
+update and re-perturbation is one compiled program (`keras_sam.backend.fused`), which
+allocates its results and no intermediate tensor.
 
 The *applied* scale ``s`` is stored in the ``perturbation_scale`` slot, so the removal takes away
 exactly what was added even when ``rho`` follows a schedule (the authors' SGD code recomputes it
@@ -77,11 +79,12 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
     """Base class of the Momentum-SAM optimizers (not meant to be used directly).
 
     A subclass creates its slots in :meth:`_build_slots`, says which per-variable slot is the
-    perturbation direction in :meth:`_direction_slots`, and writes ``update_step`` using
-    :meth:`_unperturbed` (the clean weights ``w~ + s*d``) and :meth:`_maybe_decay`
-    (decoupled weight decay on the clean weights). Everything global (the norm over all
-    variables, re-perturbation, ``rho`` schedules, gradient accumulation, tf.distribute)
-    lives here.
+    perturbation direction in :meth:`_direction_slots`, and writes ``update_step`` as a
+    pure function of the variable's values run through `keras_sam.backend.fused`, using
+    `unperturbed` (the clean weights ``w~ + s*d``), `decayed` (decoupled weight decay on
+    the clean weights) and `slots_after`, with :meth:`_gate` checking the gradient.
+    Everything global (the norm over all variables, re-perturbation, ``rho`` schedules,
+    gradient accumulation, tf.distribute) lives here.
 
     Args:
         learning_rate: float or schedule, as for any Keras optimizer.
@@ -170,43 +173,15 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         """``is_perturbed * perturbation_scale``: what the stored weights currently carry."""
         return ops.cast(ops.multiply(self._is_perturbed, self._perturbation_scale), dtype)
 
-    def _unperturbed(self, variable: Any, direction: Any) -> Any:
-        """The clean weights ``w~ + s * d`` of ``variable`` (to be used inside update_step)."""
-        return ops.add(variable, ops.multiply(self._applied_scale(variable.dtype), direction))
-
-    def _checked(self, gradient: Any) -> tuple[Any, Any]:
-        """``(gradient, gate)``: the gradient zeroed unless it is all finite, and that
-        flag as a 1 or 0 of its dtype; ``(gradient, None)`` when the step is known
-        to be finite (inside `apply_if_finite`)."""
+    def _gate(self, gradient: Any) -> Any:
+        """Whether ``gradient`` is all finite, as a 1 or 0 of its dtype, while a step
+        that checks each variable is traced; None inside `apply_if_finite`, whose
+        step is known to be finite. A flavour passes its update's coefficients
+        through `keras_sam.ops.gated` and its gradient through
+        `keras_sam.ops.zeroed_unless` with it."""
         if not self._gating:
-            return gradient, None
-        finite = is_finite(gradient)
-        gradient = ops.where(finite, gradient, ops.zeros_like(gradient))
-        return gradient, ops.cast(finite, gradient.dtype)
-
-    def _gated(self, value: Any, skipped: Any, gate: Any) -> Any:
-        """``value`` where ``gate`` is 1, ``skipped`` where it is 0 (exactly: the
-        other term is multiplied by 0); ``value`` when ``gate`` is None. A flavour
-        passes each coefficient of a variable's update through this with the value
-        that leaves the variable unchanged: 0 for a step size or a rate, 1 for a
-        decay factor."""
-        if gate is None:
-            return value
-        gate = ops.cast(gate, ops.convert_to_tensor(value).dtype)
-        return ops.add(ops.multiply(value, gate), ops.multiply(skipped, 1.0 - gate))
-
-    def _slots_after(
-        self, weights: Any, slots_from: Callable[..., Any], coefficients: tuple, slots: Any
-    ) -> Any:
-        """The new slot values ``slots = slots_from(*coefficients)``, recomputed under
-        XLA from coefficients made to depend on the new ``weights``
-        (`keras_sam.backend.sequenced`), so that the weights, computed from the old
-        slots, are written first and the slots then in place (otherwise XLA keeps a
-        copy of each old slot for the weights); ``slots`` as they are elsewhere."""
-        after = tuple(backend.sequenced(c, [weights]) for c in coefficients)
-        if all(a is c for a, c in zip(after, coefficients)):
-            return slots
-        return slots_from(*after)
+            return None
+        return ops.cast(is_finite(gradient), gradient.dtype)
 
     def _decay_rate(self, variable: Any, learning_rate: Any) -> Any:
         """``lr * wd``, the decoupled weight decay's factor for ``variable``; None
@@ -215,14 +190,9 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
             return None
         return ops.multiply(learning_rate, ops.cast(self.weight_decay, variable.dtype))
 
-    def _maybe_decay(self, weights: Any, variable: Any, learning_rate: Any) -> Any:
-        """Decoupled weight decay ``w - lr * wd * w`` applied to the clean weights."""
-        rate = self._decay_rate(variable, learning_rate)
-        return weights if rate is None else ops.subtract(weights, ops.multiply(weights, rate))
-
     def _apply_weight_decay(self, variables: list) -> None:
         # Keras would decay the *stored* (perturbed) weights before update_step; the flavours
-        # decay the clean weights inside update_step instead (see `_maybe_decay`).
+        # decay the clean weights inside update_step instead (see `decayed`).
         return
 
     # ------------------------------------------------------------------ the step
@@ -333,12 +303,8 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         """``w += sign * c * d`` for every ``(w, d, c)``; every copy under tf.distribute."""
 
         def shift(variable: Any, direction: Any, coeff: Any) -> None:
-            delta = ops.multiply(ops.cast(coeff, "float32"), ops.cast(direction, "float32"))
-            delta = ops.cast(delta, variable.dtype)
-            if sign > 0:
-                variable.assign_add(delta)
-            else:
-                variable.assign_sub(delta)
+            value = ops.convert_to_tensor(variable)
+            variable.assign(_shifted(value, ops.convert_to_tensor(direction), sign * coeff))
 
         for variable, direction, coeff in shifts:
             backend.update_variable(distribution, variable, shift, direction, coeff)
@@ -443,8 +409,38 @@ class MomentumPerturbationOptimizer(keras.optimizers.Optimizer):
         return super().from_config(config, custom_objects=custom_objects)
 
 
-def _tf_value(variable: Any) -> Any:
-    """The backend variable behind a ``keras.Variable`` (a ``tf.Variable`` on TensorFlow)."""
-    if isinstance(variable, keras.Variable):
-        return variable.value
-    return variable
+# ---------------------------------------------------------------------- the flavours' arithmetic
+# Pure functions of tensors: each flavour's step on one variable is one of them run
+# through `keras_sam.backend.fused` (one compiled program per variable in an eager
+# JAX step, traced with the rest elsewhere).
+def unperturbed(weights: Any, scale: Any, direction: Any) -> Any:
+    """The clean weights ``w~ + s * d`` from the stored ones."""
+    return ops.add(weights, ops.multiply(scale, direction))
+
+
+def decayed(weights: Any, rate: Any) -> Any:
+    """Decoupled weight decay ``w - lr * wd * w`` (``rate = lr * wd``; None: no decay)."""
+    return weights if rate is None else ops.subtract(weights, ops.multiply(weights, rate))
+
+
+def slots_after(
+    weights: Any, slots_from: Callable[..., Any], coefficients: tuple, slots: Any
+) -> Any:
+    """The new slot values ``slots = slots_from(*coefficients)``, recomputed under
+    XLA from coefficients made to depend on the new ``weights``
+    (`keras_sam.backend.sequenced`), so that the weights, computed from the old
+    slots, are written first and the slots then in place (otherwise XLA keeps a
+    copy of each old slot for the weights); ``slots`` as they are elsewhere."""
+    after = tuple(backend.sequenced(c, [weights]) for c in coefficients)
+    if all(a is c for a, c in zip(after, coefficients)):
+        return slots
+    return slots_from(*after)
+
+
+def _shift(weights: Any, direction: Any, coeff: Any) -> Any:
+    """``w + c * d``, formed in float32 for weights of a lower precision."""
+    delta = ops.multiply(ops.cast(coeff, "float32"), ops.cast(direction, "float32"))
+    return ops.add(weights, ops.cast(delta, weights.dtype))
+
+
+_shifted = backend.fused(_shift)

@@ -8,7 +8,13 @@ import keras
 from keras import ops
 
 from keras_sam import backend, internals
-from keras_sam.optimizers.momentum_perturbation import MomentumPerturbationOptimizer
+from keras_sam.ops import gated, zeroed_unless
+from keras_sam.optimizers.momentum_perturbation import (
+    MomentumPerturbationOptimizer,
+    decayed,
+    slots_after,
+    unperturbed,
+)
 from keras_sam.rho import RhoLike
 from keras_sam.validation import check_real
 
@@ -141,35 +147,51 @@ class MSAM(MomentumPerturbationOptimizer):
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """Clean weights, decoupled decay, momentum and SGD step for one variable."""
-        gradient, gate = self._checked(ops.cast(ops.convert_to_tensor(gradient), variable.dtype))
-        lr = self._gated(ops.cast(learning_rate, variable.dtype), 0.0, gate)
-        momentum = self._gated(ops.cast(self.momentum, variable.dtype), 1.0, gate)
+        dtype = variable.dtype
+        gradient = ops.cast(ops.convert_to_tensor(gradient), dtype)
+        gate = self._gate(gradient)
+        lr = gated(ops.cast(learning_rate, dtype), 0.0, gate)
+        momentum = gated(ops.cast(self.momentum, dtype), 1.0, gate)
         v = self.momentums[internals.variable_index(self, variable)]
-        if backend.momentum_step_in_place(
-            variable,
-            v,
-            self._applied_scale(variable.dtype),
-            lr,
-            momentum,
-            gradient,
-            self._decay_rate(variable, lr),
-        ):
+        step = (self._applied_scale(dtype), lr, momentum, gradient, gate)
+        decay = self._decay_rate(variable, lr)
+        if backend.momentum_step_in_place(variable, v, *step, decay):
             return
-        weights = self._unperturbed(variable, v)
-        weights = self._maybe_decay(weights, variable, lr)
-
-        def velocity(momentum: Any) -> Any:
-            return ops.add(ops.multiply(v, momentum), gradient)
-
-        new_v = velocity(momentum)
-        weights = ops.subtract(weights, ops.multiply(lr, new_v))
+        weights, velocity = _fused_update(
+            ops.convert_to_tensor(variable), ops.convert_to_tensor(v), *step, decay
+        )
         self.assign(variable, weights)
-        self.assign(v, self._slots_after(weights, velocity, (momentum,), new_v))
+        self.assign(v, velocity)
 
     def get_config(self) -> dict:
         config = super().get_config()
         config.update({"momentum": self.momentum, "nesterov": self.nesterov})
         return config
+
+
+def _update(
+    weights: Any,
+    velocity: Any,
+    scale: Any,
+    lr: Any,
+    momentum: Any,
+    gradient: Any,
+    gate: Any,
+    decay: Any,
+) -> tuple[Any, Any]:
+    """The new ``(weights, velocity)`` of one variable: the update rule above."""
+    gradient = zeroed_unless(gradient, gate)
+    weights = decayed(unperturbed(weights, scale, velocity), decay)
+
+    def velocity_after(momentum: Any) -> Any:
+        return ops.add(ops.multiply(velocity, momentum), gradient)
+
+    new_velocity = velocity_after(momentum)
+    weights = ops.subtract(weights, ops.multiply(lr, new_velocity))
+    return weights, slots_after(weights, velocity_after, (momentum,), new_velocity)
+
+
+_fused_update = backend.fused(_update)
 
 
 if MSAM.__doc__ is not None:  # None under python -OO

@@ -33,7 +33,7 @@ from keras_sam.backend.common import (
 )
 from keras_sam.backend.interface import Tensor
 from keras_sam.backend.tensorflow.xla import compiles_inside_step, xla_compiled
-from keras_sam.ops import multiply_sample_weight
+from keras_sam.ops import multiply_sample_weight, zeroed_unless
 
 __all__ = [  # re-exported
     "check_jit_compile",
@@ -126,6 +126,9 @@ def sequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     return common.sequenced(value, tensors)
 
 
+fused = common.unfused
+
+
 def momentum_step_in_place(
     variable: Any,
     velocity: Any,
@@ -133,6 +136,7 @@ def momentum_step_in_place(
     learning_rate: Tensor,
     momentum: Tensor,
     gradient: Tensor,
+    gate: Tensor | None,
     decay: Tensor | None,
 ) -> bool:
     """Momentum-SAM's SGD step with TensorFlow's in-place training kernels, where no
@@ -153,7 +157,7 @@ def momentum_step_in_place(
         var=_handle(variable),
         accum=_handle(velocity),
         lr=learning_rate,
-        grad=gradient,
+        grad=zeroed_unless(gradient, gate),
         momentum=momentum,
     )
     return True
@@ -169,6 +173,7 @@ def adam_step_in_place(
     beta_powers: tuple[Tensor, Tensor],
     epsilon: Tensor,
     gradient: Tensor,
+    gate: Tensor | None,
     decay: Tensor | None,
 ) -> bool:
     """Momentum-SAM's AdamW step with TensorFlow's in-place training kernels, where
@@ -194,7 +199,7 @@ def adam_step_in_place(
         beta1=betas[0],
         beta2=betas[1],
         epsilon=epsilon,
-        grad=gradient,
+        grad=zeroed_unless(gradient, gate),
     )
     _decay(variable, decay)
     return True

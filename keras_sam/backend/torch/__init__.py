@@ -118,6 +118,7 @@ def allocator_probe() -> tuple[Any, Any]:
 apply_if_finite = common.apply_if_finite_on_host
 apply_gated = common.apply_gated
 sequenced = common.unsequenced
+fused = common.unfused
 momentum_step_in_place = common.no_step_in_place
 adam_step_in_place = common.no_step_in_place
 

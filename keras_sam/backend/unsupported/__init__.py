@@ -27,6 +27,7 @@ from keras_sam.backend.common import (
 apply_if_finite = common.apply_if_finite_on_host
 apply_gated = common.apply_gated
 sequenced = common.unsequenced
+fused = common.unfused
 allocator_probe = common.no_allocator_probe
 momentum_step_in_place = common.no_step_in_place
 adam_step_in_place = common.no_step_in_place
