@@ -12,9 +12,8 @@ another's allocations. The process builds the model, compiles and trains one epo
 * on a GPU, the device's own peak (``jax.Device.memory_stats()``,
   ``tf.config.experimental.get_memory_info``) over the same span as ``steady``.
 
-JAX on a CPU runs with asynchronous dispatch off (`_synchronous_jax_cpu`), and
-every probe with glibc's mmap threshold fixed (`_MMAP_THRESHOLD`), so that the
-figures are the buffers' and not the timing's or the heap's.
+Every probe runs with glibc's mmap threshold fixed (`_MMAP_THRESHOLD`), so that
+the figures are the buffers' and not the heap's fragmentation.
 
 The tables give each method's figure above its base optimizer's, in parameter
 copies (bytes / parameter bytes) and MiB. What the algorithms need: 0 copies for
@@ -111,23 +110,9 @@ def _device_peak_reset() -> Any:
     return torch.cuda.max_memory_allocated
 
 
-def _synchronous_jax_cpu() -> None:
-    """Turns off JAX's asynchronous dispatch on a CPU. With it, Python queues the
-    operations of an eager step ahead of their execution and every queued result
-    holds its buffer, so the peak depends on the host's timing: three runs of SGD
-    without XLA on the wide MLP peaked 594, 693 and 644 MiB above the model, one
-    operation at a time 613 to 619 MiB (in one process, after a first run)."""
-    if common.backend_name() == "jax" and not common.uses_gpu():
-        import jax
-
-        jax.config.update("jax_cpu_enable_async_dispatch", False)
-
-
 def probe(model_name: str, method_name: str, jit: bool, epochs: int, quick: bool) -> dict:
     """Inside a fresh process: the figures of the module docstring, in bytes."""
     import keras
-
-    _synchronous_jax_cpu()
 
     method = common.all_methods([method_name])[method_name]
     spec = _spec(model_name, quick)

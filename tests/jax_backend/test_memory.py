@@ -133,9 +133,9 @@ def test_fused_compiles_a_function_once_per_shape_and_inlines_it_when_traced():
 def test_an_eager_momentum_sam_step_compiles_each_variables_update_once(name, monkeypatch):
     """Without ``jit_compile`` a variable's update is one compiled program (no
     intermediate tensor of its shape is allocated: the process held 1.1 parameter
-    copies above SGD before, 0.7 after, most of it the re-perturbation's new
-    weights: ``KERAS_BACKEND=jax python -m benchmarks.memory --xla off``), compiled
-    once per variable shape, not once per step."""
+    copies above SGD before, 0.7 after: ``KERAS_BACKEND=jax python -m
+    benchmarks.memory --xla off``), compiled once per variable shape, not once per
+    step."""
     module = sys.modules[registry.METHODS[name].cls.__module__]
     traced_shapes = []
 
