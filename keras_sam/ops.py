@@ -123,8 +123,8 @@ def gated(value: Tensor, skipped: Tensor, gate: Tensor | None) -> Tensor:
     (0 for a step size, 1 for a decay factor).
 
     Examples:
-        >>> float(gated(0.1, 0.0, 1.0)), float(gated(0.1, 0.0, 0.0)), gated(0.1, 0.0, None)
-        (0.1, 0.0, 0.1)
+        >>> float(gated(0.5, 0.0, 1.0)), float(gated(0.5, 0.0, 0.0)), gated(0.5, 0.0, None)
+        (0.5, 0.0, 0.5)
     """
     if gate is None:
         return value
