@@ -16,11 +16,19 @@ from keras_sam import internals
 from keras_sam.backend.interface import Reader, Tensor, Writer
 
 
-def apply_if_finite_on_host(apply_fn: Any, grads: list, variables: Any, finite: Any) -> None:
-    """``apply_fn(grads, variables)`` only when ``finite`` holds: a host-side branch,
-    for eager steps (PyTorch; the placeholders of backends that cannot train)."""
+def apply_if_finite_on_host(
+    apply_fn: Any, grads: list, variables: Any, finite: Any, extra: list | None = None
+) -> None:
+    """``apply_fn(grads, variables[, extra])`` only when ``finite`` holds: a
+    host-side branch, for eager steps (PyTorch; the placeholders of backends that
+    cannot train)."""
     if bool(ops.convert_to_numpy(finite)):
-        apply_fn(grads, variables)
+        apply_fn(*with_extra((grads, variables), extra))
+
+
+def with_extra(arguments: tuple, extra: list | None) -> tuple:
+    """An update's arguments, ``extra`` appended when it is given."""
+    return arguments if extra is None else (*arguments, extra)
 
 
 def apply_gated(apply_fn: Any, grads: list, variables: Any, finite: Any) -> None:

@@ -65,8 +65,17 @@ class Backend(Protocol):
     def all_reduce_sum(self, tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
         """Sums per-replica tensors across replicas (identity on one replica)."""
 
-    def apply_if_finite(self, apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
-        """``apply_fn(grads, variables)`` only where ``finite`` holds on every replica."""
+    def apply_if_finite(
+        self,
+        apply_fn: Any,
+        grads: list,
+        variables: Any,
+        finite: Tensor,
+        extra: list | None = None,
+    ) -> None:
+        """``apply_fn(grads, variables)`` only where ``finite`` holds on every replica;
+        ``apply_fn(grads, variables, extra)`` when ``extra`` (tensors the update
+        needs besides the gradients, passed on as they are) is given."""
 
     def apply_gated(self, apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
         """``apply_fn(grads, variables, gate)`` with no conditional: ``gate`` is the

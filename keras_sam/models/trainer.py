@@ -438,9 +438,7 @@ class SharpnessAwareTrainer(ModelWrapper):
             for g, v in zip(descent.grads, variables)
         ]
         finite = all_finite(grads + list(descent.decoupled or []))
-        self._apply(grads, finite)
-        if descent.decoupled is not None:
-            _subtract_if(finite, variables, descent.decoupled)
+        self._apply(grads, finite, descent.decoupled)
         self.after_step(descent.grads)
         self._keep_state_of_skipped_step(state_before, finite)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -606,20 +604,34 @@ class SharpnessAwareTrainer(ModelWrapper):
             loss * backend.num_replicas(), sample_weight=batch_size
         )
 
-    def _apply(self, grads: list, finite: Any) -> None:
-        """optimizer.apply, skipping a step whose gradients are not finite.
+    def _apply(self, grads: list, finite: Any, decoupled: list | None) -> None:
+        """optimizer.apply, then ``w -= decoupled``, skipping a step whose
+        gradients are not finite.
 
         `LossScaleOptimizer` skips such steps itself (and lowers its scale); for
         any other optimizer the step is skipped here, so a NaN or inf in a batch
-        never reaches the weights or the optimizer state.
+        never reaches the weights or the optimizer state. The decoupled update
+        runs inside the same conditional: under XLA one taken after it kept the
+        decoupled update and the gradients alive at once (WSAM on a 144 MiB MLP,
+        the compiled step's buffers: 722 MiB after, 614 MiB inside).
         """
         variables = self.trainable_variables
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             backend.apply_gradients(self.optimizer, grads, variables)  # JAX-safe apply
+            if decoupled is not None:
+                _subtract_if(finite, variables, decoupled)
             return
         if not self.optimizer.built:
             self.optimizer.build(variables)
-        backend.apply_if_finite(self.optimizer.apply, grads, variables, finite)
+        if decoupled is None:
+            backend.apply_if_finite(self.optimizer.apply, grads, variables, finite)
+            return
+
+        def apply(grads: list, variables: list, decoupled: list) -> None:
+            self.optimizer.apply(grads, variables)
+            _subtract_if(None, variables, decoupled)
+
+        backend.apply_if_finite(apply, grads, variables, finite, decoupled)
 
     def _keep_state_of_skipped_step(self, state_before: list, finite: Any) -> None:
         """A skipped step also leaves BatchNorm statistics and RNG state as they were."""
@@ -731,7 +743,10 @@ def _concatenate(predictions: list) -> Any:
 
 
 def _subtract_if(finite: Any, variables: Sequence[Any], updates: Sequence[Any]) -> None:
-    """``w -= update`` for every variable with an update, where ``finite`` holds."""
+    """``w -= update`` for every variable with an update, where ``finite`` holds
+    (``None``: always)."""
     for variable, update in zip(variables, updates):
-        if update is not None:
-            variable.assign_sub(ops.where(finite, ops.cast(update, variable.dtype), 0.0))
+        if update is None:
+            continue
+        update = ops.cast(update, variable.dtype)
+        variable.assign_sub(update if finite is None else ops.where(finite, update, 0.0))

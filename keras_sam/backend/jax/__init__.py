@@ -246,8 +246,10 @@ class _OverlayScope(keras.StatelessScope):
         return internals.raw_value(variable)
 
 
-def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
-    """``apply_fn(grads, variables)`` only where ``finite`` holds.
+def apply_if_finite(
+    apply_fn: Any, grads: list, variables: Any, finite: Tensor, extra: list | None = None
+) -> None:
+    """``apply_fn(grads, variables[, extra])`` only where ``finite`` holds.
 
     A first trace of ``apply_fn`` in a scope that collects its assignments finds
     the variables it updates (its computations are unused, so XLA drops them);
@@ -258,8 +260,9 @@ def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) 
     on every device or on none (`jax_replicas.reduced_update`).
     """
     with jax_replicas.reduced_update(list(grads), finite) as (grads, finite):
+        arguments = common.with_extra((grads, variables), extra)
         with _OverlayScope() as probe:
-            apply_fn(grads, variables)
+            apply_fn(*arguments)
         updated = list(probe.updated.values())
         before = [probe.outer_value(variable) for variable in updated]
 
@@ -267,7 +270,7 @@ def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) 
             with _OverlayScope() as scope:
                 for variable, value in zip(updated, values):
                     scope.state_mapping[id(variable)] = value
-                apply_fn(grads, variables)
+                apply_fn(*arguments)
                 return [scope.state_mapping[id(variable)] for variable in updated]
 
         after = jax.lax.cond(jax.numpy.asarray(finite), taken, list, before)

@@ -65,14 +65,18 @@ def all_reduce_sum(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
     return [None if t is None else next(reduced) for t in tensors]
 
 
-def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) -> None:
-    """``apply_fn(grads, variables)`` only where ``finite`` holds on every replica.
+def apply_if_finite(
+    apply_fn: Any, grads: list, variables: Any, finite: Tensor, extra: list | None = None
+) -> None:
+    """``apply_fn(grads, variables[, extra])`` only where ``finite`` holds on every
+    replica.
 
     ``apply_fn`` is an optimizer's apply (it may all-reduce and `merge_call`).
     Under a strategy that needs `merge_call` (Mirrored, MultiWorkerMirrored) a
     conditional around it must run in cross-replica context, as Keras'
     `LossScaleOptimizer` does; the replicas first agree on the flag, so they skip
-    or step together and stay identical.
+    or step together and stay identical. Each replica's ``extra`` reaches its own
+    replica's ``apply_fn``.
     """
     context = tf.distribute.get_replica_context()
     if (
@@ -80,19 +84,21 @@ def apply_if_finite(apply_fn: Any, grads: list, variables: Any, finite: Tensor) 
         or context.num_replicas_in_sync == 1
         or internals.strategy_supports_no_merge_call()
     ):
-        ops.cond(finite, lambda: apply_fn(grads, variables), lambda: None)
+        arguments = common.with_extra((grads, variables), extra)
+        ops.cond(finite, lambda: apply_fn(*arguments), lambda: None)
         return
     failures = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, "float32"))
 
-    def cross_replica(distribution: Any, grads: list, failures: Any) -> None:
+    def cross_replica(distribution: Any, grads: list, failures: Any, extra: Any) -> None:
         flag = distribution.experimental_local_results(failures)[0] < 0.5
+        arguments = common.with_extra((grads, variables), extra)
 
         def step() -> None:
-            distribution.extended.call_for_each_replica(apply_fn, args=(grads, variables))
+            distribution.extended.call_for_each_replica(apply_fn, args=arguments)
 
         ops.cond(flag, step, lambda: None)
 
-    context.merge_call(cross_replica, args=(grads, failures))
+    context.merge_call(cross_replica, args=(grads, failures, extra))
 
 
 def allocator_probe() -> tuple[Any, Any]:
