@@ -38,6 +38,7 @@ num_replicas = _implementation.num_replicas
 all_reduce_sum = _implementation.all_reduce_sum
 apply_if_finite = _implementation.apply_if_finite
 apply_gated = _implementation.apply_gated
+traced_for_xla = _implementation.traced_for_xla
 sequenced = _implementation.sequenced
 fused = _implementation.fused
 allocator_probe = _implementation.allocator_probe
@@ -102,6 +103,7 @@ __all__ = [
     "stateless_gradients",
     "stateless_sample_scores",
     "stateless_uniform",
+    "traced_for_xla",
     "update_variable",
     "xla_compiled",
 ]

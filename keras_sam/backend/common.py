@@ -54,6 +54,11 @@ def sequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     return value
 
 
+def never_traced_for_xla(tensor: Tensor) -> bool:
+    """False: no step is compiled by XLA (PyTorch; the placeholders)."""
+    return False
+
+
 def unsequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     """``value``: eager steps run in the order written (PyTorch; the placeholders)."""
     return value

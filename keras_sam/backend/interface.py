@@ -83,6 +83,12 @@ class Backend(Protocol):
         each variable's gradient itself (Momentum-SAM) and uses the flag for what
         the whole step writes (the step counter)."""
 
+    def traced_for_xla(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` belongs to a step being traced for XLA
+        (``jit_compile=True``), which schedules and fuses the step as a whole;
+        False where the operations run as they are written (an eager step,
+        TensorFlow's executor)."""
+
     def sequenced(self, value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
         """``value``, computed only once every tensor of ``tensors`` is: under XLA
         those are then materialized, not fused into ``value``'s consumers. Where no

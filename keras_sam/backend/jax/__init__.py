@@ -283,10 +283,15 @@ momentum_step_in_place = common.no_step_in_place
 adam_step_in_place = common.no_step_in_place
 
 
+def traced_for_xla(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is traced (inside `jax.jit`), not a concrete array."""
+    return isinstance(tensor, jax.core.Tracer)
+
+
 def sequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     """`common.sequenced` inside `jax.jit` (traced values); ``value`` in an eager
     step, whose operations run as they are written."""
-    if not any(isinstance(t, jax.core.Tracer) for t in [value, *tensors]):
+    if not any(traced_for_xla(t) for t in [value, *tensors]):
         return value
     return common.sequenced(value, tensors)
 

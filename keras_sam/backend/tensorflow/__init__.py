@@ -123,11 +123,16 @@ except ImportError:  # pragma: no cover - a TensorFlow without it: sequence ever
         return True
 
 
+def traced_for_xla(tensor: Tensor) -> bool:
+    """Whether the graph being built is compiled by XLA (``jit_compile=True``)."""
+    return bool(_traced_for_xla(tf.compat.v1.get_default_graph()))
+
+
 def sequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     """`common.sequenced` while a step is traced for XLA (``jit_compile=True``);
     ``value`` elsewhere: TensorFlow's executor runs the ops as they are written, and
     the recomputation the sequencing asks for would only add work."""
-    if not _traced_for_xla(tf.compat.v1.get_default_graph()):
+    if not traced_for_xla(value):
         return value
     return common.sequenced(value, tensors)
 

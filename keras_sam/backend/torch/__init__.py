@@ -117,6 +117,7 @@ def allocator_probe() -> tuple[Any, Any]:
 
 apply_if_finite = common.apply_if_finite_on_host
 apply_gated = common.apply_gated
+traced_for_xla = common.never_traced_for_xla
 sequenced = common.unsequenced
 fused = common.unfused
 momentum_step_in_place = common.no_step_in_place

@@ -26,6 +26,7 @@ from keras_sam.backend.common import (
 
 apply_if_finite = common.apply_if_finite_on_host
 apply_gated = common.apply_gated
+traced_for_xla = common.never_traced_for_xla
 sequenced = common.unsequenced
 fused = common.unfused
 allocator_probe = common.no_allocator_probe
