@@ -116,3 +116,26 @@ def test_sequenced_leaves_the_value_as_it_is():
 def test_sequenced_adds_nothing_to_an_eager_step():
     value = keras.ops.convert_to_tensor(0.25)
     assert backend.sequenced(value, [keras.ops.ones((2,))]) is value
+
+
+def test_traced_for_xla_only_while_xla_compiles_the_step():
+    value = keras.ops.convert_to_tensor(0.25)
+    assert backend.traced_for_xla(value) is False
+    seen = []
+
+    def record(tensor):
+        seen.append(backend.traced_for_xla(tensor))
+        return tensor
+
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        tf.function(record, jit_compile=True)(value)
+        tf.function(record, jit_compile=False)(value)
+        assert seen == [True, False]
+    elif name == "jax":
+        import jax
+
+        jax.jit(record)(value)
+        assert seen == [True]
