@@ -145,10 +145,11 @@ class ESAM(SharpnessAwareTrainer):
         ]
 
     def descent(self, ascent: Ascent, grads: list, state_before: list) -> Descent:
-        epsilon = self.epsilon(grads)
+        epsilon = [self.epsilon(grads)]
+        del grads  # eagerly: the clean gradients and ε go before the perturbed passes
         if not self.selects_samples:
-            return Descent(self.perturbed_gradients(ascent, epsilon, state_before))
-        perturbed = add_perturbation([v.value for v in self.trainable_variables], epsilon)
+            return Descent(self.perturbed_gradients(ascent, epsilon.pop(), state_before))
+        perturbed = add_perturbation([v.value for v in self.trainable_variables], epsilon.pop())
         x, y, sample_weight = ascent.batch
         scores = backend.stateless_sample_scores(self, perturbed, state_before, x, y, sample_weight)
         sharpness = scores - ascent.scores

@@ -84,13 +84,14 @@ def test_compiled_step_temporaries_stay_within_their_bound(memory, name, base, b
     assert extra <= bound, (name, memory[name], memory[base])
 
 
-@pytest.mark.parametrize("name", ["sam", "asam", "ksam"])
+@pytest.mark.parametrize("name", ["sam", "asam", "ksam", "esam"])
 def test_an_eager_step_lets_the_clean_gradient_and_epsilon_go_before_the_perturbed_pass(name):
     """Without ``jit_compile`` an array lives while a name holds it: when the
     perturbed pass begins, a kernel has its value, w + ε and its momentum, and no
     longer the clean gradient (scaled and unscaled) or ε (six arrays of its shape
     before; the process held 2.4 copies above SGD, 1.1 after:
-    ``python -m benchmarks.memory --xla off``)."""
+    ``python -m benchmarks.memory --xla off``; ESAM's own `descent` kept both, five
+    arrays, until 2026-12-07)."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((37,)), keras.layers.Dense(41), keras.layers.Dense(3)])
     trainer = registry.METHODS[name].build(model, learning_rate=0.01)[0]
