@@ -258,7 +258,15 @@ def apply_if_finite(
     step leaves every variable bit-for-bit as it was. In a per-device step,
     ``apply_fn`` gets the gradients summed over the devices, and the step is taken
     on every device or on none (`jax_replicas.reduced_update`).
+
+    In an eager step (``finite`` a concrete array: no ``jit_compile``) the branch is
+    taken on the host (`common.apply_if_finite_on_host`): `jax.lax.cond` would
+    compile the whole update into one program that holds every variable's old and
+    new value at once, and the probe trace would compute the update a second time.
     """
+    if not traced_for_xla(finite):
+        common.apply_if_finite_on_host(apply_fn, grads, variables, finite, extra)
+        return
     with jax_replicas.reduced_update(list(grads), finite) as (grads, finite):
         arguments = common.with_extra((grads, variables), extra)
         with _OverlayScope() as probe:
