@@ -8,6 +8,12 @@ another's allocations. The process builds the model, compiles and trains one epo
 * ``steady``: peak resident memory during those epochs minus the resident memory of
   the built model before compilation: what training holds (optimizer slots, the
   step's buffers), compilation excluded;
+* ``buffers``: ``steady`` less what glibc's heap (every block below the mmap
+  threshold) grew by from the resting model to the end of training: compiled
+  programs, traced functions and Python objects, a fixed amount that does not grow
+  with the parameters (an eager JAX step compiles a program per operation: up to
+  200 MiB more for one method than another, on any model size). With every block
+  from the threshold up in its own mapping, ``buffers`` are the tensors';
 * ``with_compile``: the same from the first `fit` on (compilation included);
 * on a GPU, the device's own peak (``jax.Device.memory_stats()``,
   ``tf.config.experimental.get_memory_info``) over the same span as ``steady``.
@@ -26,6 +32,7 @@ carry the allocator's noise (a few MiB): use a model whose parameters dominate
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -81,6 +88,24 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost",
+    )]
+
+
+def _heap_bytes() -> int | None:
+    """Bytes glibc's malloc has handed out from its heap, blocks served by their own
+    mappings excluded (``mallinfo2().uordblks``); None without glibc 2.33."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().uordblks)
+
+
 def _reset_peak() -> None:
     """Sets this process's peak RSS to its current RSS (Linux >= 4.0)."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -120,6 +145,7 @@ def probe(model_name: str, method_name: str, jit: bool, epochs: int, quick: bool
     model = spec.build(0)
     parameter_bytes = common.variable_bytes(model.trainable_variables)
     resting = _rss_bytes("VmRSS")
+    resting_heap = _heap_bytes()
     _reset_peak()
     trainer = method.wrap(model, method.default_rho)
     trainer.compile(
@@ -135,10 +161,15 @@ def probe(model_name: str, method_name: str, jit: bool, epochs: int, quick: bool
         _reset_peak()
         device_peak = _device_peak_reset()
         trainer.fit(x, y, epochs=epochs, **fit)
+    steady = _rss_bytes("VmHWM") - resting
+    heap = _heap_bytes()
+    heap = None if heap is None or resting_heap is None else heap - resting_heap
     return {
         "parameter_bytes": parameter_bytes,
         "resting_bytes": resting,
-        "steady_bytes": _rss_bytes("VmHWM") - resting,
+        "steady_bytes": steady,
+        "heap_bytes": heap,
+        "buffer_bytes": None if heap is None else steady - heap,
         "with_compile_bytes": with_compile - resting,
         "device_peak_bytes": device_peak(),
     }
@@ -187,7 +218,9 @@ def above_base(results: dict, methods: dict, key: str) -> dict:
     table = {}
     for name, r in results.items():
         base = results.get(methods[name]["base"])
-        if "error" in r or base is None or "error" in base or r[key] is None:
+        if "error" in r or base is None or "error" in base:
+            continue
+        if r.get(key) is None or base.get(key) is None:
             continue
         extra = r[key] - base[key]
         table[name] = {"bytes": extra, "copies": extra / r["parameter_bytes"]}
@@ -203,18 +236,20 @@ def markdown(report: dict) -> str:
         "",
         "Each cell: peak memory during training above the base optimizer's, in copies of",
         "the model's parameters (MiB in brackets); compilation excluded (`steady`), then",
-        "included. One fresh process per cell. What the algorithm needs: 0 copies for",
-        "Momentum-SAM, 1 for the two-pass wrappers.",
+        "included. `buffers`: `steady` less what malloc's heap grew by (compiled programs,",
+        "traced functions, Python objects: a fixed amount, not a multiple of the",
+        "parameters), so the tensors alone. One fresh process per cell. What the",
+        "algorithm needs: 0 copies for Momentum-SAM, 1 for the two-pass wrappers.",
     ]
     methods = report["methods"]
     for model_name, by_jit in report["models"].items():
         jits = list(by_jit)
         lines += ["", f"## {MODELS[model_name].description}", ""]
-        header = [f"XLA {jit}: {k}" for jit in jits for k in ("steady", "with compile")]
+        header = [f"XLA {jit}: {k}" for jit in jits for k in ("steady", "buffers", "with compile")]
         lines += ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
         cells: dict[str, list[str]] = {}
         for jit in jits:
-            for key in ("steady_bytes", "with_compile_bytes"):
+            for key in ("steady_bytes", "buffer_bytes", "with_compile_bytes"):
                 table = above_base(by_jit[jit], methods, key)
                 for name in by_jit[jit]:
                     entry = table.get(name)

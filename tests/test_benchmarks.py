@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import common, generalization, generalization_report, memory, speed
@@ -83,8 +84,21 @@ def test_memory_quick_measures_each_method_in_its_own_process(tmp_path):
         # Training holds more than the resting model: optimizer slots, the step's buffers.
         assert r["resting_bytes"] > 0 and r["steady_bytes"] > 0, name
         assert r["with_compile_bytes"] > 0, name
+        # Compiled programs and Python objects live in malloc's heap; the rest are buffers.
+        assert r["heap_bytes"] > 0, name
+        assert r["buffer_bytes"] == r["steady_bytes"] - r["heap_bytes"], name
     rows = (tmp_path / "memory.md").read_text()
     assert "| SAM |" in rows and "| MSAM |" in rows
+
+
+def test_heap_bytes_count_small_blocks_and_not_those_with_their_own_mapping():
+    before = memory._heap_bytes()
+    small = [bytearray(1000) for _ in range(10_000)]
+    grown = memory._heap_bytes() - before
+    large = np.ones(10_000_000)  # 80 MB: served by its own mapping
+    assert 9_000_000 <= grown <= 12_000_000, grown
+    assert abs(memory._heap_bytes() - before - grown) < 1_000_000
+    del small, large
 
 
 def test_memory_is_reported_in_parameter_copies_above_the_base():
@@ -99,6 +113,9 @@ def test_memory_is_reported_in_parameter_copies_above_the_base():
     assert table["sam"] == {"bytes": 125 * mib, "copies": 1.25}
     assert table["sgd"]["copies"] == 0.0
     assert "ksam" not in table
+    # A figure a probe could not take (no glibc heap statistics) is left out.
+    results["sam"]["buffer_bytes"] = None
+    assert "sam" not in memory.above_base(results, methods, "buffer_bytes")
 
 
 def test_generalization_quick_reports_every_method(tmp_path):
