@@ -40,7 +40,8 @@ JAX_TESTS = [
     "tests/test_keras_habits.py",
 ]
 #: ``jit_compile=False`` variants are left out: on JAX they run eagerly, op by op, which
-#: costs minutes and exercises no backend code the compiled run does not.
+#: costs minutes; the backend code only an eager step runs (the host-side skip, the
+#: fused per-variable updates) has its own tests in tests/jax_backend.
 JAX_SELECTION = (
     "(not (test_contract or test_hardening or test_keras_habits)"
     " or (test_rho_zero_equals_base_optimizer and True)"
