@@ -13,7 +13,7 @@ another's allocations. The process builds the model, compiles and trains one epo
   programs, traced functions and Python objects, a fixed amount that does not grow
   with the parameters (an eager JAX step compiles a program per operation: up to
   200 MiB more for one method than another, on any model size). With every block
-  from the threshold up in its own mapping, ``buffers`` are the tensors';
+  from the threshold up in its own mapping, ``buffers`` are the tensors;
 * ``with_compile``: the same from the first `fit` on (compilation included);
 * on a GPU, the device's own peak (``jax.Device.memory_stats()``,
   ``tf.config.experimental.get_memory_info``) over the same span as ``steady``.

@@ -164,8 +164,8 @@ def test_an_eager_momentum_sam_step_compiles_each_variables_update_once(name, mo
 def test_an_eager_step_skips_a_non_finite_update_on_the_host(jit_compile, monkeypatch):
     """Without ``jit_compile`` the two-pass step's skip is a host-side branch: a
     `jax.lax.cond` compiled the optimizer's whole update into one program holding
-    every variable's old and new value (the process peaked there: SAM +1.9 copies
-    above SGD, +0.3 after; ``KERAS_BACKEND=jax python -m benchmarks.memory --xla
+    every variable's old and new value (the process peaked there: SAM +1.11 copies
+    above SGD, +0.18 after; ``KERAS_BACKEND=jax python -m benchmarks.memory --xla
     off``). A compiled step keeps its conditional. Either way a non-finite step
     leaves the weights as they were."""
     conds = []
