@@ -12,7 +12,7 @@ from keras import ops, tree
 
 from keras_sam import backend
 from keras_sam import rho as rho_lib
-from keras_sam.models.trainer import Ascent, Descent, SharpnessAwareTrainer
+from keras_sam.models.trainer import Ascent, Descent, SharpnessAwareTrainer, handed_over
 from keras_sam.ops import add_perturbation, dual_vector, multiply_sample_weight
 from keras_sam.validation import check_int, check_real
 
@@ -148,8 +148,9 @@ class ESAM(SharpnessAwareTrainer):
         epsilon = [self.epsilon(grads)]
         del grads  # eagerly: the clean gradients and ε go before the perturbed passes
         if not self.selects_samples:
-            return Descent(self.perturbed_gradients(ascent, epsilon.pop(), state_before))
-        perturbed = add_perturbation([v.value for v in self.trainable_variables], epsilon.pop())
+            return Descent(self.perturbed_gradients(ascent, handed_over(epsilon), state_before))
+        weights = [v.value for v in self.trainable_variables]
+        perturbed = add_perturbation(weights, handed_over(epsilon))
         x, y, sample_weight = ascent.batch
         scores = backend.stateless_sample_scores(self, perturbed, state_before, x, y, sample_weight)
         sharpness = scores - ascent.scores

@@ -449,7 +449,7 @@ class SharpnessAwareTrainer(ModelWrapper):
 
         Run eagerly (JAX without ``jit_compile``, PyTorch), an array lives while a
         name holds it: the clean gradients reach `descent` held by nothing else,
-        so that its default can let them go once ε is formed (`_handed_over`).
+        so that its default can let them go once ε is formed (`handed_over`).
         """
         if state_before is None:  # a later part replays its own dropout masks
             state_before = backend.snapshot(self.non_trainable_variables)
@@ -458,7 +458,7 @@ class SharpnessAwareTrainer(ModelWrapper):
         clean = [ascent.grads]
         ascent = ascent._replace(grads=None)
         return ascent.y_pred, self.descent(
-            ascent, self._ascent_gradients(_handed_over(clean), scale), state_before
+            ascent, self._ascent_gradients(handed_over(clean), scale), state_before
         )
 
     def _ascent_gradients(self, scaled: list, scale: Any) -> list:
@@ -522,7 +522,7 @@ class SharpnessAwareTrainer(ModelWrapper):
         """
         epsilon = [self.epsilon(grads)]
         del grads  # eagerly: the clean gradients go before the perturbed pass
-        return Descent(self.perturbed_gradients(ascent, _handed_over(epsilon), state_before))
+        return Descent(self.perturbed_gradients(ascent, handed_over(epsilon), state_before))
 
     def after_step(self, sam_grads: list) -> None:
         """Called after the optimizer step with the (unscaled, float32) gradients it
@@ -683,7 +683,7 @@ def _unscale(grads: list, scale: Any) -> list:
     return [None if g is None else ops.cast(g, "float32") / scale for g in grads]
 
 
-def _handed_over(box: list) -> Any:
+def handed_over(box: list) -> Any:
     """The one item of ``box``, taken out of it: eagerly, a value passed on this
     way is freed as soon as the callee lets it go (a local name would keep it)."""
     return box.pop()
