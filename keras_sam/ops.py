@@ -116,35 +116,19 @@ def all_finite(tensors: Sequence[Tensor | None]) -> Tensor:
     return ops.all(ops.stack(checks))
 
 
-def gated(value: Tensor, skipped: Tensor, gate: Tensor | None) -> Tensor:
-    """``value`` where ``gate`` is 1, ``skipped`` where it is 0, exactly (the other
-    term is multiplied by 0); ``value`` when ``gate`` is None. For the coefficients
-    of an update, with the value that leaves the variable unchanged as ``skipped``
-    (0 for a step size, 1 for a decay factor).
-
-    Examples:
-        >>> float(gated(0.5, 0.0, 1.0)), float(gated(0.5, 0.0, 0.0)), gated(0.5, 0.0, None)
-        (0.5, 0.0, 0.5)
-    """
-    if gate is None:
-        return value
-    gate = ops.cast(gate, ops.convert_to_tensor(value).dtype)
-    return ops.add(ops.multiply(value, gate), ops.multiply(skipped, 1.0 - gate))
-
-
-def zeroed_unless(tensor: Tensor, gate: Tensor | None) -> Tensor:
-    """``tensor`` where ``gate`` is 1 or None, zeros where it is 0 (selected, so a
-    NaN or an infinity in ``tensor`` does not pass).
+def where_finite(gradient: Tensor, updated: Tensor, kept: Tensor) -> Tensor:
+    """``updated`` where ``gradient`` is finite, ``kept`` where it is NaN or infinite,
+    entry by entry (selected, so a NaN in ``updated`` does not pass). An element-wise
+    skip of an update: it needs no reduction of ``gradient`` first, so a compiler can
+    write each variable's update as soon as its gradient is computed.
 
     Examples:
         >>> from keras import ops
-        >>> [float(t[0]) for t in (zeroed_unless(ops.array([float("nan")]), 0.0),
-        ...                        zeroed_unless(ops.array([2.0]), 1.0))]
-        [0.0, 2.0]
+        >>> g = ops.array([1.0, float("nan"), float("inf")])
+        >>> [float(x) for x in where_finite(g, 10.0 - g, ops.array([5.0, 6.0, 7.0]))]
+        [9.0, 6.0, 7.0]
     """
-    if gate is None:
-        return tensor
-    return ops.where(ops.greater(gate, 0.5), tensor, ops.zeros_like(tensor))
+    return ops.where(ops.isfinite(gradient), updated, kept)
 
 
 def is_finite(tensor: Tensor) -> Tensor:

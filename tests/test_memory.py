@@ -102,12 +102,14 @@ def copies(tmp_path_factory) -> dict:
         # step were then held at once).
         ("gsam", "sgd", 2.0),
         ("wsam", "sgd", 2.0),
-        # Momentum-SAM needs no copy: +0.40 compiled today for both flavours (the
-        # gradients XLA schedules before the updates that free them); +0.90 while
-        # the momentum was copied and the step waited for every gradient to be
-        # checked, +2.92 by the allocator while a conditional skipped the step.
-        ("msam", "sgd", 0.55),
-        ("adamw-msam", "adamw", 0.55),
+        # Momentum-SAM needs no copy: +0.001 compiled today for both flavours;
+        # +0.40 while each variable's gradient was reduced for the non-finite
+        # check before its update (XLA scheduled several gradients before the
+        # updates that free them), +0.90 while the momentum was copied and the
+        # step waited for every gradient to be checked, +2.92 by the allocator
+        # while a conditional skipped the step.
+        ("msam", "sgd", 0.1),
+        ("adamw-msam", "adamw", 0.1),
     ],
 )
 def test_a_compiled_step_holds_within_its_bound_above_the_base(copies, name, base, bound):
@@ -116,9 +118,16 @@ def test_a_compiled_step_holds_within_its_bound_above_the_base(copies, name, bas
 
 
 @pytest.mark.parametrize(
-    ("name", "base"), [("sam", "sgd"), ("msam", "sgd"), ("adamw-msam", "adamw")]
+    ("name", "base", "bound"),
+    [
+        # SAM +0.90 today: the allocator's chunks, see the module docstring.
+        ("sam", "sgd", 1.0),
+        # Momentum-SAM +0.001 today (+0.90, as SAM, while its compiled step held
+        # +0.40).
+        ("msam", "sgd", 0.1),
+        ("adamw-msam", "adamw", 0.1),
+    ],
 )
-def test_the_allocator_sees_at_most_one_copy_more_per_step(copies, name, base):
-    # 0.90 for all three today: the allocator's chunks, see the module docstring.
+def test_the_allocator_sees_no_more_than_the_algorithm_needs(copies, name, base, bound):
     assert 0.0 < copies[base]["allocator"] < 1.0, copies
-    assert copies[name]["allocator"] - copies[base]["allocator"] <= 1.0, copies
+    assert copies[name]["allocator"] - copies[base]["allocator"] <= bound, copies

@@ -44,6 +44,7 @@ fused = _implementation.fused
 allocator_probe = _implementation.allocator_probe
 momentum_step_in_place = _implementation.momentum_step_in_place
 adam_step_in_place = _implementation.adam_step_in_place
+shift_in_place = _implementation.shift_in_place
 apply_gradients = _implementation.apply_gradients
 forward_and_gradients = _implementation.forward_and_gradients
 forward_and_sample_scores = _implementation.forward_and_sample_scores
@@ -98,6 +99,7 @@ __all__ = [
     "momentum_step_in_place",
     "num_replicas",
     "sequenced",
+    "shift_in_place",
     "snapshot",
     "stateful_train_step",
     "stateless_gradients",

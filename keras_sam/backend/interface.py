@@ -109,16 +109,17 @@ class Backend(Protocol):
         learning_rate: Tensor,
         momentum: Tensor,
         gradient: Tensor,
-        gate: Tensor | None,
         decay: Tensor | None,
+        entrywise: Callable[[], None],
     ) -> bool:
         """Momentum-SAM's SGD step on one variable with in-place kernels, where the
         backend has them and no step is traced for a compiler: w ← w + scale·v (the
         old perturbation removed), w ← w − decay·w when ``decay`` is given,
-        v ← momentum·v + g, w ← w − learning_rate·v, with g the gradient, or zeros
-        where ``gate`` is 0: the arithmetic of the `keras.ops` step. Returns whether
-        it wrote the step; False writes nothing (the caller then writes it with
-        `keras.ops`)."""
+        v ← momentum·v + g, w ← w − learning_rate·v, with g the gradient: the
+        arithmetic of the `keras.ops` step. A gradient that is not all finite is
+        written by ``entrywise()`` instead (the `keras.ops` step, which skips its
+        non-finite entries). Returns whether it wrote the step; False writes
+        nothing (the caller then writes it with ``entrywise()``)."""
 
     def adam_step_in_place(
         self,
@@ -131,16 +132,22 @@ class Backend(Protocol):
         beta_powers: tuple[Tensor, Tensor],
         epsilon: Tensor,
         gradient: Tensor,
-        gate: Tensor | None,
         decay: Tensor | None,
+        entrywise: Callable[[], None],
     ) -> bool:
         """Momentum-SAM's AdamW step on one variable with in-place kernels, where
         the backend has them and no step is traced for a compiler: w ← w + scale·m
         (the old perturbation removed), the Adam step with ``betas`` (β₁, β₂) and
-        ``beta_powers`` (β₁ᵗ, β₂ᵗ) on the gradient (zeros where ``gate`` is 0), then
-        w ← w − decay·w when ``decay`` is given.
-        Returns whether it wrote the step; False writes nothing (the caller then
-        writes it with `keras.ops`)."""
+        ``beta_powers`` (β₁ᵗ, β₂ᵗ) on the gradient, then w ← w − decay·w when
+        ``decay`` is given. A gradient that is not all finite is written by
+        ``entrywise()`` instead, as in `momentum_step_in_place`. Returns whether it
+        wrote the step; False writes nothing."""
+
+    def shift_in_place(self, variable: Any, direction: Any, coeff: Tensor) -> bool:
+        """w ← w + coeff·d on a float32 or float64 variable with an in-place kernel,
+        where the backend has one and no step is traced for a compiler. Returns
+        whether it wrote the shift; False writes nothing (the caller then assigns
+        the shifted value)."""
 
     def allocator_probe(self) -> tuple[Any, Any]:
         """``(reset, read_peak)`` for the backend's allocator on the training device:

@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 from keras_sam import backend, internals
-from keras_sam.ops import gated, zeroed_unless
+from keras_sam.ops import where_finite
 from keras_sam.optimizers.momentum_perturbation import (
     MomentumPerturbationOptimizer,
     decayed,
@@ -135,8 +135,7 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
         """Clean weights, Adam moments and step, then decoupled decay, for one variable."""
         dtype = variable.dtype
         gradient = ops.cast(ops.convert_to_tensor(gradient), dtype)
-        gate = self._gate(gradient)
-        lr = gated(ops.cast(learning_rate, dtype), 0.0, gate)
+        lr = ops.cast(learning_rate, dtype)
         local_step = ops.cast(self.iterations + 1, dtype)
         beta_powers = (
             ops.power(ops.cast(self.beta_1, dtype), local_step),
@@ -148,25 +147,22 @@ class AdamWMSAM(MomentumPerturbationOptimizer):
         scale = self._applied_scale(dtype)
         epsilon = ops.cast(self.epsilon, dtype)
         decay = self._decay_rate(variable, lr)
-        betas = (
-            gated(ops.cast(self.beta_1, dtype), 1.0, gate),
-            gated(ops.cast(self.beta_2, dtype), 1.0, gate),
-        )
-        if backend.adam_step_in_place(
-            variable, m, v, scale, lr, betas, beta_powers, epsilon, gradient, gate, decay
+        betas = (ops.cast(self.beta_1, dtype), ops.cast(self.beta_2, dtype))
+
+        def entrywise() -> None:
+            rates = (ops.cast(1.0 - self.beta_1, dtype), ops.cast(1.0 - self.beta_2, dtype))
+            values = [ops.convert_to_tensor(x) for x in (variable, m, v)]
+            weights, new_m, new_v = _fused_update(
+                *values, scale, lr, rates, beta_powers, epsilon, gradient, decay
+            )
+            self.assign(variable, weights)
+            self.assign(m, new_m)
+            self.assign(v, new_v)
+
+        if not backend.adam_step_in_place(
+            variable, m, v, scale, lr, betas, beta_powers, epsilon, gradient, decay, entrywise
         ):
-            return
-        rates = (
-            gated(ops.cast(1.0 - self.beta_1, dtype), 0.0, gate),
-            gated(ops.cast(1.0 - self.beta_2, dtype), 0.0, gate),
-        )
-        values = [ops.convert_to_tensor(x) for x in (variable, m, v)]
-        weights, new_m, new_v = _fused_update(
-            *values, scale, lr, rates, beta_powers, epsilon, gradient, gate, decay
-        )
-        self.assign(variable, weights)
-        self.assign(m, new_m)
-        self.assign(v, new_v)
+            entrywise()
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -184,26 +180,31 @@ def _update(
     beta_powers: tuple[Any, Any],
     epsilon: Any,
     gradient: Any,
-    gate: Any,
     decay: Any,
 ) -> tuple[Any, Any, Any]:
     """The new ``(weights, m, v)`` of one variable: the update rule above, with
-    ``rates`` ``(1 - beta_1, 1 - beta_2)`` and ``beta_powers`` ``(beta_1^t, beta_2^t)``."""
-    gradient = zeroed_unless(gradient, gate)
-    weights = unperturbed(weights, scale, m)
+    ``rates`` ``(1 - beta_1, 1 - beta_2)`` and ``beta_powers`` ``(beta_1^t, beta_2^t)``;
+    each entry whose gradient is not finite left at its clean weight and moments."""
+    clean = unperturbed(weights, scale, m)
 
     def moments(rate_1: Any, rate_2: Any) -> tuple:
         # m * (1 - r) + g * r: no subexpression but the gradient is shared between
         # the weights' update and the moments' (`slots_after`), so XLA keeps none.
         return (
-            ops.add(ops.multiply(m, 1.0 - rate_1), ops.multiply(gradient, rate_1)),
-            ops.add(ops.multiply(v, 1.0 - rate_2), ops.multiply(ops.square(gradient), rate_2)),
+            where_finite(
+                gradient, ops.add(ops.multiply(m, 1.0 - rate_1), ops.multiply(gradient, rate_1)), m
+            ),
+            where_finite(
+                gradient,
+                ops.add(ops.multiply(v, 1.0 - rate_2), ops.multiply(ops.square(gradient), rate_2)),
+                v,
+            ),
         )
 
     new_m, new_v = moments(*rates)
     alpha = lr * ops.sqrt(1.0 - beta_powers[1]) / (1.0 - beta_powers[0])
     step = ops.divide(ops.multiply(new_m, alpha), ops.add(ops.sqrt(new_v), epsilon))
-    weights = decayed(ops.subtract(weights, step), decay)
+    weights = where_finite(gradient, decayed(ops.subtract(clean, step), decay), clean)
     return (weights, *slots_after(weights, moments, rates, (new_m, new_v)))
 
 

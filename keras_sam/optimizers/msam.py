@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 from keras_sam import backend, internals
-from keras_sam.ops import gated, zeroed_unless
+from keras_sam.ops import where_finite
 from keras_sam.optimizers.momentum_perturbation import (
     MomentumPerturbationOptimizer,
     decayed,
@@ -149,19 +149,20 @@ class MSAM(MomentumPerturbationOptimizer):
         """Clean weights, decoupled decay, momentum and SGD step for one variable."""
         dtype = variable.dtype
         gradient = ops.cast(ops.convert_to_tensor(gradient), dtype)
-        gate = self._gate(gradient)
-        lr = gated(ops.cast(learning_rate, dtype), 0.0, gate)
-        momentum = gated(ops.cast(self.momentum, dtype), 1.0, gate)
+        lr = ops.cast(learning_rate, dtype)
         v = self.momentums[internals.variable_index(self, variable)]
-        step = (self._applied_scale(dtype), lr, momentum, gradient, gate)
+        step = (self._applied_scale(dtype), lr, ops.cast(self.momentum, dtype), gradient)
         decay = self._decay_rate(variable, lr)
-        if backend.momentum_step_in_place(variable, v, *step, decay):
-            return
-        weights, velocity = _fused_update(
-            ops.convert_to_tensor(variable), ops.convert_to_tensor(v), *step, decay
-        )
-        self.assign(variable, weights)
-        self.assign(v, velocity)
+
+        def entrywise() -> None:
+            weights, velocity = _fused_update(
+                ops.convert_to_tensor(variable), ops.convert_to_tensor(v), *step, decay
+            )
+            self.assign(variable, weights)
+            self.assign(v, velocity)
+
+        if not backend.momentum_step_in_place(variable, v, *step, decay, entrywise):
+            entrywise()
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -176,18 +177,18 @@ def _update(
     lr: Any,
     momentum: Any,
     gradient: Any,
-    gate: Any,
     decay: Any,
 ) -> tuple[Any, Any]:
-    """The new ``(weights, velocity)`` of one variable: the update rule above."""
-    gradient = zeroed_unless(gradient, gate)
-    weights = decayed(unperturbed(weights, scale, velocity), decay)
+    """The new ``(weights, velocity)`` of one variable: the update rule above, each
+    entry whose gradient is not finite left at its clean weight and velocity."""
+    clean = unperturbed(weights, scale, velocity)
 
     def velocity_after(momentum: Any) -> Any:
-        return ops.add(ops.multiply(velocity, momentum), gradient)
+        return where_finite(gradient, ops.add(ops.multiply(velocity, momentum), gradient), velocity)
 
     new_velocity = velocity_after(momentum)
-    weights = ops.subtract(weights, ops.multiply(lr, new_velocity))
+    stepped = ops.subtract(decayed(clean, decay), ops.multiply(lr, new_velocity))
+    weights = where_finite(gradient, stepped, clean)
     return weights, slots_after(weights, velocity_after, (momentum,), new_velocity)
 
 

@@ -289,6 +289,7 @@ def apply_if_finite(
 allocator_probe = common.no_allocator_probe
 momentum_step_in_place = common.no_step_in_place
 adam_step_in_place = common.no_step_in_place
+shift_in_place = common.no_step_in_place
 
 
 def traced_for_xla(tensor: Tensor) -> bool:

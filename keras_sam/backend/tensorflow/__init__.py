@@ -33,7 +33,7 @@ from keras_sam.backend.common import (
 )
 from keras_sam.backend.interface import Tensor
 from keras_sam.backend.tensorflow.xla import compiles_inside_step, xla_compiled
-from keras_sam.ops import multiply_sample_weight, zeroed_unless
+from keras_sam.ops import is_finite, multiply_sample_weight
 
 __all__ = [  # re-exported
     "check_jit_compile",
@@ -147,13 +147,14 @@ def momentum_step_in_place(
     learning_rate: Tensor,
     momentum: Tensor,
     gradient: Tensor,
-    gate: Tensor | None,
     decay: Tensor | None,
+    entrywise: Callable[[], None],
 ) -> bool:
     """Momentum-SAM's SGD step with TensorFlow's in-place training kernels, where no
     step is traced for XLA: ``ResourceApplyGradientDescent`` with ``-scale`` removes
     the perturbation (with ``decay`` and the weights themselves, it decays them),
-    ``ResourceApplyMomentum`` is v ← momentum·v + g, w ← w − lr·v.
+    ``ResourceApplyMomentum`` is v ← momentum·v + g, w ← w − lr·v; ``entrywise()``
+    when the gradient is not all finite (the kernels would write its NaN).
 
     Written with `keras.ops`, each variable's step allocates its intermediate
     tensors, and TensorFlow's executor runs the independent steps of many variables
@@ -162,15 +163,19 @@ def momentum_step_in_place(
     the `keras.ops` step itself."""
     if _traced_for_xla(tf.compat.v1.get_default_graph()):
         return False
-    _remove_perturbation(variable, velocity, scale)
-    _decay(variable, decay)
-    tf.raw_ops.ResourceApplyMomentum(
-        var=_handle(variable),
-        accum=_handle(velocity),
-        lr=learning_rate,
-        grad=zeroed_unless(gradient, gate),
-        momentum=momentum,
-    )
+
+    def kernels() -> None:
+        _remove_perturbation(variable, velocity, scale)
+        _decay(variable, decay)
+        tf.raw_ops.ResourceApplyMomentum(
+            var=_handle(variable),
+            accum=_handle(velocity),
+            lr=learning_rate,
+            grad=gradient,
+            momentum=momentum,
+        )
+
+    _unless_finite(gradient, kernels, entrywise)
     return True
 
 
@@ -184,36 +189,70 @@ def adam_step_in_place(
     beta_powers: tuple[Tensor, Tensor],
     epsilon: Tensor,
     gradient: Tensor,
-    gate: Tensor | None,
     decay: Tensor | None,
+    entrywise: Callable[[], None],
 ) -> bool:
     """Momentum-SAM's AdamW step with TensorFlow's in-place training kernels, where
     no step is traced for XLA: ``ResourceApplyGradientDescent`` removes the
     perturbation, ``ResourceApplyAdam`` steps (m ← m + (1 − β₁)(g − m), v likewise,
     w ← w − lr·√(1 − β₂ᵗ)/(1 − β₁ᵗ)·m/(√v + ε)), ``ResourceApplyGradientDescent``
-    decays. The kernel forms 1 − β in float32 from β (for β₂ = 0.999, 1 − β₂ is
-    0.99998713e-3, not 1e-3), so its second moment moves a relative 1.3e-5 less
-    per step than Keras' Adam's (and the `keras.ops` step's); with 1 − β exact in
-    float32 (β = 0.5, 0.75) the kernel and Keras' Adam agree bit for bit. The
-    `keras.ops` step held about two parameter copies more than this one (AdamW-MSAM
-    on the 144 MiB MLP without XLA, ``python -m benchmarks.memory --xla off``)."""
+    decays; ``entrywise()`` when the gradient is not all finite. The kernel forms
+    1 − β in float32 from β (for β₂ = 0.999, 1 − β₂ is 0.99998713e-3, not 1e-3), so
+    its second moment moves a relative 1.3e-5 less per step than Keras' Adam's (and
+    the `keras.ops` step's); with 1 − β exact in float32 (β = 0.5, 0.75) the kernel
+    and Keras' Adam agree bit for bit. The `keras.ops` step held about two parameter
+    copies more than this one (AdamW-MSAM on the 144 MiB MLP without XLA, ``python
+    -m benchmarks.memory --xla off``)."""
     if _traced_for_xla(tf.compat.v1.get_default_graph()):
         return False
-    _remove_perturbation(variable, first_moment, scale)
-    tf.raw_ops.ResourceApplyAdam(
-        var=_handle(variable),
-        m=_handle(first_moment),
-        v=_handle(second_moment),
-        beta1_power=beta_powers[0],
-        beta2_power=beta_powers[1],
-        lr=learning_rate,
-        beta1=betas[0],
-        beta2=betas[1],
-        epsilon=epsilon,
-        grad=zeroed_unless(gradient, gate),
-    )
-    _decay(variable, decay)
+
+    def kernels() -> None:
+        _remove_perturbation(variable, first_moment, scale)
+        tf.raw_ops.ResourceApplyAdam(
+            var=_handle(variable),
+            m=_handle(first_moment),
+            v=_handle(second_moment),
+            beta1_power=beta_powers[0],
+            beta2_power=beta_powers[1],
+            lr=learning_rate,
+            beta1=betas[0],
+            beta2=betas[1],
+            epsilon=epsilon,
+            grad=gradient,
+        )
+        _decay(variable, decay)
+
+    _unless_finite(gradient, kernels, entrywise)
     return True
+
+
+def shift_in_place(variable: Any, direction: Any, coeff: Tensor) -> bool:
+    """w ← w + coeff·d with ``ResourceApplyGradientDescent`` (``alpha = -coeff``),
+    for a float32 or float64 variable, where no step is traced for XLA.
+
+    Assigning the shifted value allocates a new buffer for the variable. When
+    `fit` removed Momentum-SAM's perturbation that way at its end, the next `fit`'s
+    XLA steps on the 144 MiB MLP grew the process by 99 MiB more than SGD's (9 MiB
+    in place; ``python -m benchmarks.memory --models wide --methods msam``)."""
+    dtype = keras.backend.standardize_dtype(variable.dtype)
+    if dtype not in ("float32", "float64") or _traced_for_xla(tf.compat.v1.get_default_graph()):
+        return False
+    tf.raw_ops.ResourceApplyGradientDescent(
+        var=_handle(variable), alpha=-tf.cast(coeff, dtype), delta=tf.convert_to_tensor(direction)
+    )
+    return True
+
+
+def _unless_finite(
+    gradient: Tensor, kernels: Callable[[], None], entrywise: Callable[[], None]
+) -> None:
+    """``kernels()`` when ``gradient`` is all finite, else ``entrywise()`` (a graph
+    conditional; eagerly, a branch on the host)."""
+    finite = is_finite(gradient)
+    if tf.executing_eagerly():
+        (kernels if bool(finite) else entrywise)()
+    else:
+        tf.cond(finite, kernels, entrywise)
 
 
 def _remove_perturbation(variable: Any, direction: Any, scale: Tensor) -> None:

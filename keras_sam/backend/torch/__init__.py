@@ -122,6 +122,7 @@ sequenced = common.unsequenced
 fused = common.unfused
 momentum_step_in_place = common.no_step_in_place
 adam_step_in_place = common.no_step_in_place
+shift_in_place = common.no_step_in_place
 
 
 def apply_gradients(optimizer: Any, grads: list, variables: Sequence[Any]) -> None:

@@ -32,6 +32,7 @@ fused = common.unfused
 allocator_probe = common.no_allocator_probe
 momentum_step_in_place = common.no_step_in_place
 adam_step_in_place = common.no_step_in_place
+shift_in_place = common.no_step_in_place
 
 
 def _unsupported(*args: Any, **kwargs: Any) -> Any:
