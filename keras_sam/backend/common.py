@@ -39,7 +39,9 @@ def apply_gated(apply_fn: Any, grads: list, variables: Any, finite: Any) -> None
 
 def sequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     """``value``, made to depend on every tensor of ``tensors`` (one element each,
-    through ``min(|t|, 0)``, which is 0 for every number but NaN).
+    gathered into one vector, through ``min(|t|, 0)``, which is 0 for every number
+    but NaN; one small computation for all of them, not one per tensor: each is
+    compiled code, about 0.16 MiB per variable on TensorFlow's XLA on a CPU).
 
     For a compiler that fuses element-wise work (XLA): a tensor with a second
     consumer is materialized rather than fused into its other consumer, so an
@@ -47,11 +49,12 @@ def sequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
     of every new direction) is written in place part by part, instead of fused
     into one loop that needs the inputs of both (a copy of every momentum slot).
     """
+    if not tensors:
+        return value
     dtype = ops.convert_to_tensor(value).dtype
-    for tensor in tensors:
-        first = ops.cast(ops.reshape(ops.convert_to_tensor(tensor), (-1,))[:1], dtype)
-        value = ops.add(value, ops.sum(ops.minimum(ops.abs(first), 0.0)))
-    return value
+    firsts = [ops.cast(ops.reshape(ops.convert_to_tensor(t), (-1,))[:1], dtype) for t in tensors]
+    first = firsts[0] if len(firsts) == 1 else ops.concatenate(firsts)
+    return ops.add(value, ops.sum(ops.minimum(ops.abs(first), 0.0)))
 
 
 def never_traced_for_xla(tensor: Tensor) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from keras_sam import backend
-from keras_sam.backend import interface
+from keras_sam.backend import common, interface
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "keras_sam"
 BACKENDS = ("tensorflow", "jax", "torch", "unsupported")
@@ -106,11 +106,16 @@ def test_the_package_exports_exactly_the_interface():
     assert exported == {*interface.FUNCTIONS, "loss_scale"}
 
 
-def test_sequenced_leaves_the_value_as_it_is():
-    """The dependency it adds is 0 for every number, infinities included."""
+@pytest.mark.parametrize("count", [1, 3])
+def test_sequenced_leaves_the_value_as_it_is(count):
+    """The dependency it adds (`common.sequenced`, what a traced step gets) is 0 for
+    every number, infinities included, and reads the first entry of each tensor."""
     tensors = [np.array([[np.inf, 1.0]], "float32"), np.array([-3.0], "float32"), np.zeros((0,))]
-    value = backend.sequenced(keras.ops.convert_to_tensor(0.25), tensors)
+    value = common.sequenced(keras.ops.convert_to_tensor(0.25), tensors[:count])
     assert float(keras.ops.convert_to_numpy(value)) == 0.25
+    tensors[0][0, 0] = np.nan
+    value = common.sequenced(keras.ops.convert_to_tensor(0.25), tensors[:count])
+    assert np.isnan(float(keras.ops.convert_to_numpy(value)))
 
 
 def test_sequenced_adds_nothing_to_an_eager_step():

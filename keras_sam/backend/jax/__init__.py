@@ -51,9 +51,9 @@ between old and new values with `where` kept both alive (on a 4-layer MLP, by th
 compiled step's memory analysis, the step's temporaries fell from 1.81 to 1.09
 parameter copies for SAM and from 4.0 to 2.0 for AdamW-MSAM; SGD's are 0.68).
 The Momentum-SAM optimizers use `apply_gated` instead, with no conditional at all,
-and check each variable's gradient themselves (their step's temporaries 2.0 → 1.37
-copies on that MLP with the gate, 1.03 with the per-variable check and the in-place
-step, `sequenced`).
+and check each gradient entry themselves (their step's temporaries 2.0 → 1.37
+copies on that MLP with the gate, 1.03 with a per-variable check and the in-place
+step, `sequenced`; per entry, SGD's own on a wider MLP).
 """
 
 from __future__ import annotations
