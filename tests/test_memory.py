@@ -7,8 +7,9 @@ buffers, so the temporaries are what a step adds). `keras_sam.demo.StepMemory`
 reads the most bytes the allocator held above what it held when the step began
 (`tf.config.experimental.get_memory_info`): what a user sees, but TensorFlow's
 allocator hands out a free chunk whole when it is less than twice the request,
-so that figure moves in steps (SAM's and both Momentum-SAM flavours' read the same
-1.52 copies over temporaries of 1.02–1.04). Each method runs in a fresh process:
+so that figure moves in steps (SAM's reads 1.52 copies over temporaries of 1.04;
+both Momentum-SAM flavours read their base optimizer's 0.62, 1.52 while their
+compiled step asked for 0.40 copies more). Each method runs in a fresh process:
 the first model a process trains allocates about a parameter copy more per step
 than later ones. Figures are in copies of the parameters, on an MLP whose
 parameters dominate; the bounds are today's figures plus a margin, so a change

@@ -175,7 +175,7 @@ def momentum_step_in_place(
             momentum=momentum,
         )
 
-    _unless_finite(gradient, kernels, entrywise)
+    _when_finite(gradient, kernels, entrywise)
     return True
 
 
@@ -222,7 +222,7 @@ def adam_step_in_place(
         )
         _decay(variable, decay)
 
-    _unless_finite(gradient, kernels, entrywise)
+    _when_finite(gradient, kernels, entrywise)
     return True
 
 
@@ -243,7 +243,7 @@ def shift_in_place(variable: Any, direction: Any, coeff: Tensor) -> bool:
     return True
 
 
-def _unless_finite(
+def _when_finite(
     gradient: Tensor, kernels: Callable[[], None], entrywise: Callable[[], None]
 ) -> None:
     """``kernels()`` when ``gradient`` is all finite, else ``entrywise()`` (a graph
