@@ -123,9 +123,14 @@ except ImportError:  # pragma: no cover - a TensorFlow without it: sequence ever
         return True
 
 
-def traced_for_xla(tensor: Tensor) -> bool:
+def _building_for_xla() -> bool:
     """Whether the graph being built is compiled by XLA (``jit_compile=True``)."""
     return bool(_traced_for_xla(tf.compat.v1.get_default_graph()))
+
+
+def traced_for_xla(tensor: Tensor) -> bool:
+    """Whether the graph being built is compiled by XLA (``jit_compile=True``)."""
+    return _building_for_xla()
 
 
 def sequenced(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
@@ -161,7 +166,7 @@ def momentum_step_in_place(
     at once: the process held about one parameter copy more than SGD's (MSAM on a
     144 MiB MLP without XLA, ``python -m benchmarks.memory --xla off``). XLA fuses
     the `keras.ops` step itself."""
-    if _traced_for_xla(tf.compat.v1.get_default_graph()):
+    if _building_for_xla():
         return False
 
     def kernels() -> None:
@@ -203,7 +208,7 @@ def adam_step_in_place(
     and Keras' Adam agree bit for bit. The `keras.ops` step held about two parameter
     copies more than this one (AdamW-MSAM on the 144 MiB MLP without XLA, ``python
     -m benchmarks.memory --xla off``)."""
-    if _traced_for_xla(tf.compat.v1.get_default_graph()):
+    if _building_for_xla():
         return False
 
     def kernels() -> None:
@@ -235,7 +240,7 @@ def shift_in_place(variable: Any, direction: Any, coeff: Tensor) -> bool:
     XLA steps on the 144 MiB MLP grew the process by 99 MiB more than SGD's (9 MiB
     in place; ``python -m benchmarks.memory --models wide --methods msam``)."""
     dtype = keras.backend.standardize_dtype(variable.dtype)
-    if dtype not in ("float32", "float64") or _traced_for_xla(tf.compat.v1.get_default_graph()):
+    if dtype not in ("float32", "float64") or _building_for_xla():
         return False
     tf.raw_ops.ResourceApplyGradientDescent(
         var=_handle(variable), alpha=-tf.cast(coeff, dtype), delta=tf.convert_to_tensor(direction)
